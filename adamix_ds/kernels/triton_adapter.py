@@ -1,0 +1,397 @@
+"""Fused Triton kernels for the routed bottleneck adapter.
+
+Forward, one program per block of tokens:
+``pre = h @ Wd[i]^T + bd[i]`` (kept in fp32), ``y = h + act(pre) @ Wu[j]^T + bu[j]``.
+
+The expert is selected inside the kernels by offsetting the stacked weight pointers by the expert
+index, so no expert is ever copied, and the merged single adapter is the same call with one expert.
+
+Backward saves, rather than recomputes, the fp32 bottleneck pre-activation ``pre`` (``[N, r]``).
+Saving costs ``4·N·r`` bytes written in the forward and read in the backward; recomputing it would
+re-read ``h`` (``N·d`` elements) in the backward's first kernel. With ``r <= 64`` and ``d >= 768``
+the saved tensor is several times smaller than that re-read (and smaller than the two ``[N, r]``
+tensors eager autograd keeps for the same layer), and it makes the backward use exactly the forward's
+pre-activation. The backward runs two kernels:
+
+1. per block of tokens: ``dz = (dy @ Wu[j]) * act'(pre)`` (``[N, r]``, fp32). Every element of
+   ``dh`` needs a complete row of ``dz``, which needs a complete row of ``dy``, so this is its own pass.
+2. per (hidden-column block, token split): ``dh = dy + dz @ Wd[i]`` and this split's partial sums of
+   ``dWd[i] = dz^T h``, ``dWu[j] = dy^T act(pre)``, ``dbu[j]`` and ``dbd[i]``. The splits' partials
+   are summed afterwards in a fixed order, so the gradients are deterministic (no atomics).
+
+All products accumulate in fp32; fp32 operands use IEEE dots, so the result does not silently drop
+to TF32 on GPUs that have it. Every load and store is masked, so any token count and hidden size
+works; the rank is padded to a power of two of at least 16 (``tl.dot``'s minimum) and masked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_RANK = 64
+ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
+
+# Triton kernels may only read module globals that are constexpr. In kernels they stand right of
+# tensors: the interpreter's constexpr * tensor wraps the tensor in a constexpr instead of multiplying.
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_TANH_CUBIC = tl.constexpr(0.044715)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _tanh(x):
+    # tl.math has no portable tanh (it lives in the CUDA-only libdevice). This form saturates
+    # correctly: exp overflowing to inf gives 1, underflowing to 0 gives -1.
+    return 1.0 - 2.0 / (tl.math.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 0:
+        return 0.5 * x * (1.0 + tl.math.erf(x * _INV_SQRT_2))
+    elif ACTIVATION == 1:
+        return 0.5 * x * (1.0 + _tanh((x + x * x * x * _TANH_CUBIC) * _SQRT_2_OVER_PI))
+    else:
+        return tl.maximum(x, 0.0)
+
+
+@triton.jit
+def _activation_grad(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 0:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * _INV_SQRT_2))
+        pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        return cdf + x * pdf
+    elif ACTIVATION == 1:
+        t = _tanh((x + x * x * x * _TANH_CUBIC) * _SQRT_2_OVER_PI)
+        dt = (1.0 - t * t) * (1.0 + x * x * (3.0 * _TANH_CUBIC)) * _SQRT_2_OVER_PI
+        return 0.5 * (1.0 + t) + 0.5 * x * dt
+    else:
+        return tl.where(x > 0.0, 1.0, 0.0)
+
+
+@triton.jit
+def _adapter_fwd_kernel(
+    h_ptr,
+    wd_ptr,
+    bd_ptr,
+    wu_ptr,
+    bu_ptr,
+    y_ptr,
+    pre_ptr,
+    down_index,
+    up_index,
+    n_tokens,
+    hidden_size,
+    rank,
+    ACTIVATION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # Expert selection is a pointer offset into the stacked [M, r, d] / [M, d, r] weights.
+    expert_size = rank * hidden_size
+    wd_ptr += down_index * expert_size
+    bd_ptr += down_index * rank
+    wu_ptr += up_index * expert_size
+    bu_ptr += up_index * hidden_size
+
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_tokens
+    # int64 row offsets: N * d may exceed 2**31 for long sequences.
+    row_offsets = rows.to(tl.int64)[:, None] * hidden_size
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < rank
+
+    pre = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, hidden_size, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < hidden_size
+        h = tl.load(h_ptr + row_offsets + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        wd_t = tl.load(
+            wd_ptr + ranks[None, :] * hidden_size + cols[:, None], mask=rank_mask[None, :] & col_mask[:, None], other=0.0
+        )
+        pre = tl.dot(h, wd_t, pre, input_precision=DOT_PRECISION)
+    pre += tl.load(bd_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        pre_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :], pre, mask=row_mask[:, None] & rank_mask[None, :]
+    )
+    # Padded rank columns hold act(0) = 0 and meet zero-masked weights, so they add nothing.
+    act = _activation(pre, ACTIVATION).to(h_ptr.dtype.element_ty)
+
+    # Second sweep over h for the residual: this block's rows were just read and are still in L2.
+    for d0 in range(0, hidden_size, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < hidden_size
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        h = tl.load(h_ptr + row_offsets + cols[None, :], mask=tile_mask, other=0.0)
+        wu_t = tl.load(
+            wu_ptr + cols[None, :] * rank + ranks[:, None], mask=rank_mask[:, None] & col_mask[None, :], other=0.0
+        )
+        bu = tl.load(bu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = tl.dot(act, wu_t, input_precision=DOT_PRECISION) + h.to(tl.float32) + bu[None, :]
+        tl.store(y_ptr + row_offsets + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _adapter_bwd_dz_kernel(
+    dy_ptr,
+    pre_ptr,
+    wu_ptr,
+    dz_ptr,
+    up_index,
+    n_tokens,
+    hidden_size,
+    rank,
+    ACTIVATION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    wu_ptr += up_index * rank * hidden_size
+
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_tokens
+    row_offsets = rows.to(tl.int64)[:, None] * hidden_size
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < rank
+
+    grad_act = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, hidden_size, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < hidden_size
+        dy = tl.load(dy_ptr + row_offsets + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        wu = tl.load(
+            wu_ptr + cols[:, None] * rank + ranks[None, :], mask=col_mask[:, None] & rank_mask[None, :], other=0.0
+        )
+        grad_act = tl.dot(dy, wu, grad_act, input_precision=DOT_PRECISION)
+
+    small_offsets = rows.to(tl.int64)[:, None] * rank + ranks[None, :]
+    small_mask = row_mask[:, None] & rank_mask[None, :]
+    pre = tl.load(pre_ptr + small_offsets, mask=small_mask, other=0.0)
+    tl.store(dz_ptr + small_offsets, grad_act * _activation_grad(pre, ACTIVATION), mask=small_mask)
+
+
+@triton.jit
+def _adapter_bwd_main_kernel(
+    dy_ptr,
+    h_ptr,
+    pre_ptr,
+    dz_ptr,
+    wd_ptr,
+    dh_ptr,
+    dwd_part_ptr,
+    dbd_part_ptr,
+    dwu_part_ptr,
+    dbu_part_ptr,
+    down_index,
+    n_tokens,
+    hidden_size,
+    rank,
+    n_splits,
+    ACTIVATION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    wd_ptr += down_index * rank * hidden_size
+    # Axis 0 (column block) varies fastest in launch order, so the programs running together share a
+    # token split and the r-wide dz / pre tiles they all re-read are served from L2.
+    col_block = tl.program_id(0)
+    split = tl.program_id(1)
+
+    cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < hidden_size
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < rank
+    wd = tl.load(
+        wd_ptr + ranks[:, None] * hidden_size + cols[None, :], mask=rank_mask[:, None] & col_mask[None, :], other=0.0
+    )
+    compute_dtype = h_ptr.dtype.element_ty
+
+    dwd = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    dwu = tl.zeros([BLOCK_D, BLOCK_R], dtype=tl.float32)
+    dbu = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbd = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for block in range(split, tl.cdiv(n_tokens, BLOCK_N), n_splits):
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < n_tokens
+        tile_offsets = rows.to(tl.int64)[:, None] * hidden_size + cols[None, :]
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        small_offsets = rows.to(tl.int64)[:, None] * rank + ranks[None, :]
+        small_mask = row_mask[:, None] & rank_mask[None, :]
+
+        dy = tl.load(dy_ptr + tile_offsets, mask=tile_mask, other=0.0)
+        h = tl.load(h_ptr + tile_offsets, mask=tile_mask, other=0.0)
+        dz = tl.load(dz_ptr + small_offsets, mask=small_mask, other=0.0)
+        act = _activation(tl.load(pre_ptr + small_offsets, mask=small_mask, other=0.0), ACTIVATION)
+        # Products run in the input dtype (tensor cores for 16-bit inputs), as eager autograd does.
+        dz_c = dz.to(compute_dtype)
+
+        dh = dy.to(tl.float32) + tl.dot(dz_c, wd, input_precision=DOT_PRECISION)
+        tl.store(dh_ptr + tile_offsets, dh.to(dh_ptr.dtype.element_ty), mask=tile_mask)
+        dwd = tl.dot(tl.trans(dz_c), h, dwd, input_precision=DOT_PRECISION)
+        dwu = tl.dot(tl.trans(dy), act.to(compute_dtype), dwu, input_precision=DOT_PRECISION)
+        dbu += tl.sum(dy.to(tl.float32), axis=0)
+        dbd += tl.sum(dz, axis=0)
+
+    part_offsets = split.to(tl.int64) * rank * hidden_size
+    tl.store(
+        dwd_part_ptr + part_offsets + ranks[:, None] * hidden_size + cols[None, :],
+        dwd,
+        mask=rank_mask[:, None] & col_mask[None, :],
+    )
+    tl.store(
+        dwu_part_ptr + part_offsets + cols[:, None] * rank + ranks[None, :],
+        dwu,
+        mask=col_mask[:, None] & rank_mask[None, :],
+    )
+    tl.store(dbu_part_ptr + split * hidden_size + cols, dbu, mask=col_mask)
+    # Every column block computed the same dbd; the first one writes it.
+    if col_block == 0:
+        tl.store(dbd_part_ptr + split * rank + ranks, dbd, mask=rank_mask)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # input_precision only affects fp32 operands; "ieee" keeps them out of TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_rank(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _default_splits(n_token_blocks: int, n_col_blocks: int, device: torch.device) -> int:
+    """Token splits for the backward's reduction: enough programs to fill the device a few times over.
+
+    More splits mean more parallelism but a bigger ``[splits, r, d]`` partial-sum buffer to write and
+    reduce, so the target is a small multiple of the SM count.
+    """
+    if device.type == "cuda":
+        target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target_programs = 4
+    return max(1, min(n_token_blocks, math.ceil(target_programs / n_col_blocks)))
+
+
+def adapter_forward_triton(
+    hidden: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    down_index: int,
+    up_index: int,
+    activation: str,
+    block_n: int = 64,
+    block_d: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on a ``[N, d]`` contiguous ``hidden``; returns ``(y [N, d], pre [N, r] fp32)``."""
+    n_tokens, hidden_size = hidden.shape
+    rank = down_weight.shape[1]
+    y = torch.empty_like(hidden)
+    pre = torch.empty(n_tokens, rank, dtype=torch.float32, device=hidden.device)
+    if n_tokens == 0:
+        return y, pre
+    grid = (triton.cdiv(n_tokens, block_n),)
+    _adapter_fwd_kernel[grid](
+        hidden,
+        down_weight,
+        down_bias,
+        up_weight,
+        up_bias,
+        y,
+        pre,
+        down_index,
+        up_index,
+        n_tokens,
+        hidden_size,
+        rank,
+        ACTIVATION=ACTIVATION_IDS[activation],
+        DOT_PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_R=_block_rank(rank),
+    )
+    return y, pre
+
+
+def adapter_backward_triton(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    pre: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_index: int,
+    up_index: int,
+    activation: str,
+    block_n: int = 64,
+    block_d: int = 64,
+    n_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward on ``[N, d]`` contiguous ``grad_out`` / ``hidden`` and the saved ``pre``.
+
+    Returns ``(dh, dWd, dbd, dWu, dbu)``; the weight and bias gradients have the stacked shapes and
+    are zero outside the chosen experts.
+    """
+    n_tokens, hidden_size = hidden.shape
+    rank = down_weight.shape[1]
+    device = hidden.device
+    grad_down_weight = torch.zeros_like(down_weight)
+    grad_down_bias = down_weight.new_zeros(down_weight.shape[:2])
+    grad_up_weight = torch.zeros_like(up_weight)
+    grad_up_bias = up_weight.new_zeros(up_weight.shape[:2])
+    grad_hidden = torch.empty_like(hidden)
+    if n_tokens == 0:
+        return grad_hidden, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias
+
+    constants = dict(
+        ACTIVATION=ACTIVATION_IDS[activation],
+        DOT_PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_R=_block_rank(rank),
+    )
+    n_token_blocks = triton.cdiv(n_tokens, block_n)
+    dz = torch.empty(n_tokens, rank, dtype=torch.float32, device=device)
+    _adapter_bwd_dz_kernel[(n_token_blocks,)](
+        grad_out, pre, up_weight, dz, up_index, n_tokens, hidden_size, rank, **constants
+    )
+
+    n_col_blocks = triton.cdiv(hidden_size, block_d)
+    if n_splits is None:
+        n_splits = _default_splits(n_token_blocks, n_col_blocks, device)
+    dwd_part = torch.empty(n_splits, rank, hidden_size, dtype=torch.float32, device=device)
+    dbd_part = torch.empty(n_splits, rank, dtype=torch.float32, device=device)
+    dwu_part = torch.empty(n_splits, hidden_size, rank, dtype=torch.float32, device=device)
+    dbu_part = torch.empty(n_splits, hidden_size, dtype=torch.float32, device=device)
+    _adapter_bwd_main_kernel[(n_col_blocks, n_splits)](
+        grad_out,
+        hidden,
+        pre,
+        dz,
+        down_weight,
+        grad_hidden,
+        dwd_part,
+        dbd_part,
+        dwu_part,
+        dbu_part,
+        down_index,
+        n_tokens,
+        hidden_size,
+        rank,
+        n_splits,
+        **constants,
+    )
+    grad_down_weight[down_index] = dwd_part.sum(0)
+    grad_down_bias[down_index] = dbd_part.sum(0)
+    grad_up_weight[up_index] = dwu_part.sum(0)
+    grad_up_bias[up_index] = dbu_part.sum(0)
+    return grad_hidden, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias

@@ -1,0 +1,262 @@
+"""The AdaMix layers: a frozen base layer plus a mixture of adapters, with routing and merging.
+
+Experts are stacked: one parameter per projection with shape ``[M, ...]``, so an expert is a view
+selected by index and ZeRO partitions one tensor per projection. A shared projection has ``M = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from adamix_ds.config import AdaMixConfig
+from adamix_ds.kernels import adapter_forward
+from adamix_ds.routing import Projection, Stream, choose_expert
+
+Weights = tuple[torch.Tensor, ...]
+
+
+def base_features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a ``Linear`` or GPT-2 ``Conv1D``."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.nf
+    raise TypeError(f"cannot adapt a {type(layer).__name__}: allowed torch.nn.Linear or transformers Conv1D")
+
+
+class AdaMixLayer(nn.Module):
+    """Wraps ``base_layer``; routes each training forward to one expert per projection.
+
+    Subclasses define the stacked parameters (``expert_parameters``, ordered as ``adapt`` takes them),
+    which of them each projection owns (``projection_parameters``) and the adapter math (``adapt``).
+    """
+
+    def __init__(self, base_layer: nn.Module, config: AdaMixConfig, layer_id: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_id = layer_id
+        self.seed = config.seed
+        self.eval_mode = config.eval_mode
+        self.eval_expert = config.eval_expert
+        self.num_experts = config.num_experts
+        self.forward_count = 0
+        self.eval_forward_count = 0
+        # Experts used by training passes since the last optimizer step (see adamix_ds.optim).
+        self.routed: dict[Projection, set[int]] = {p: set() for p in Projection}
+        self._merged_cache: tuple[tuple, Weights] | None = None
+
+    # -- parameters -------------------------------------------------------------------------------
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The stacked expert tensors, in the order ``adapt`` takes them."""
+        raise NotImplementedError
+
+    def projection_parameters(self, projection: Projection) -> list[nn.Parameter]:
+        """The stacked tensors owned by ``projection`` (all with the same leading expert dimension)."""
+        raise NotImplementedError
+
+    def adapt(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, down: int, up: int) -> torch.Tensor:
+        """Output of the adapted layer with experts ``down`` and ``up`` of ``weights``."""
+        raise NotImplementedError
+
+    def experts_in(self, projection: Projection) -> int:
+        """Number of experts stored for ``projection`` (1 when shared or merged)."""
+        return self.projection_parameters(projection)[0].shape[0]
+
+    # -- routing ----------------------------------------------------------------------------------
+    def _draw(self, stream: Stream, count: int) -> tuple[int, int]:
+        return tuple(
+            choose_expert(self.seed, stream, count, self.layer_id, projection, self.experts_in(projection))
+            for projection in Projection
+        )
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base_out = self.base_layer(x, *args, **kwargs)
+        if self.training:
+            down, up = self._draw(Stream.TRAIN, self.forward_count)
+            self.forward_count += 1
+            self.routed[Projection.DOWN].add(down)
+            self.routed[Projection.UP].add(up)
+            return self.adapt(x, base_out, tuple(self.expert_parameters()), down, up)
+        if self.eval_mode == "merged":
+            return self.adapt(x, base_out, self.merged_weights(), 0, 0)
+        if self.eval_mode == "random":
+            down, up = self._draw(Stream.EVAL, self.eval_forward_count)
+            self.eval_forward_count += 1
+            return self.adapt(x, base_out, tuple(self.expert_parameters()), down, up)
+        if self.eval_mode == "fixed":
+            down, up = (min(self.eval_expert, self.experts_in(p) - 1) for p in Projection)
+            return self.adapt(x, base_out, tuple(self.expert_parameters()), down, up)
+        weights = tuple(self.expert_parameters())
+        n_down, n_up = (self.experts_in(p) for p in Projection)
+        outputs = [self.adapt(x, base_out, weights, k % n_down, k % n_up) for k in range(max(n_down, n_up))]
+        return torch.stack(outputs).mean(dim=0)
+
+    def reset_routed(self) -> None:
+        """Forget which experts were used; called after each optimizer step."""
+        for used in self.routed.values():
+            used.clear()
+
+    # -- merging ----------------------------------------------------------------------------------
+    def merged_weights(self) -> Weights:
+        """Expert averages (``[1, ...]`` each), cached until a weight changes.
+
+        With autograd on, the average is recomputed so that gradients reach the experts.
+        """
+        params = self.expert_parameters()
+        if torch.is_grad_enabled():
+            return tuple(p.mean(dim=0, keepdim=True) for p in params)
+        key = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
+        if self._merged_cache is None or self._merged_cache[0] != key:
+            self._merged_cache = (key, tuple(p.detach().mean(dim=0, keepdim=True) for p in params))
+        return self._merged_cache[1]
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Collapse every projection to its expert average, in place: one ordinary adapter remains."""
+        for name, param in list(self.named_parameters(recurse=False)):
+            merged = nn.Parameter(param.mean(dim=0, keepdim=True), requires_grad=param.requires_grad)
+            setattr(self, name, merged)
+        self.num_experts = 1
+        self._merged_cache = None
+
+    def train(self, mode: bool = True) -> AdaMixLayer:
+        # Weights only change while training or on load; dropping the cache here keeps evals fresh even
+        # when an optimizer rewrites storage without bumping tensor versions (e.g. ZeRO's flat buffers).
+        self._merged_cache = None
+        return super().train(mode)
+
+    # -- state ------------------------------------------------------------------------------------
+    def get_extra_state(self) -> torch.Tensor:
+        # A tensor (not a dict) so that safetensors and DeepSpeed checkpoints carry the routing stream.
+        return torch.tensor([self.forward_count, self.eval_forward_count], dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.forward_count, self.eval_forward_count = (int(v) for v in state.tolist())
+        self._merged_cache = None
+
+    def extra_repr(self) -> str:
+        return f"layer_id={self.layer_id}, num_experts={self.num_experts}, eval_mode={self.eval_mode!r}"
+
+
+class AdaMixBottleneck(AdaMixLayer):
+    """Bottleneck adapter mixture on a layer's output: ``h + up_j(act(down_i(h)))`` with ``h = base(x)``."""
+
+    def __init__(self, base_layer: nn.Module, config: AdaMixConfig, layer_id: int) -> None:
+        super().__init__(base_layer, config, layer_id)
+        _, hidden = base_features(base_layer)
+        rank = config.bottleneck_dim
+        if rank > hidden:
+            raise ValueError(f"bottleneck_dim={rank} is larger than the hidden size {hidden} of the adapted layer: allowed 1..{hidden}")
+        n_down = 1 if config.share_down else config.num_experts
+        n_up = 1 if config.share_up else config.num_experts
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.activation = config.activation
+        self.down_weight = nn.Parameter(_normal_experts(n_down, (rank, hidden), config.expert_init, factory))
+        self.down_bias = nn.Parameter(torch.zeros(n_down, rank, **factory))
+        self.up_weight = nn.Parameter(_normal_experts(n_up, (hidden, rank), config.expert_init, factory))
+        self.up_bias = nn.Parameter(torch.zeros(n_up, hidden, **factory))
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [self.down_weight, self.down_bias, self.up_weight, self.up_bias]
+
+    def projection_parameters(self, projection: Projection) -> list[nn.Parameter]:
+        if projection is Projection.DOWN:
+            return [self.down_weight, self.down_bias]
+        return [self.up_weight, self.up_bias]
+
+    def adapt(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, down: int, up: int) -> torch.Tensor:
+        down_weight, down_bias, up_weight, up_bias = weights
+        return adapter_forward(base_out, down_weight, down_bias, up_weight, up_bias, down, up, self.activation)
+
+
+class AdaMixLoRA(AdaMixLayer):
+    """LoRA mixture: ``base(x) + B_j A_i dropout(x) * alpha / r`` on some or all output features.
+
+    ``out_slices`` lists ``(start, length)`` output ranges that are adapted (GPT-2's fused ``c_attn``:
+    query and value only). Each range has its own rank-``r`` block of ``A`` and its own rows of ``B``;
+    one routing choice covers all ranges, as in the reference code's merged LoRA layer.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        config: AdaMixConfig,
+        layer_id: int,
+        out_slices: list[tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(base_layer, config, layer_id)
+        in_features, out_features = base_features(base_layer)
+        self.out_slices = list(out_slices) if out_slices is not None else [(0, out_features)]
+        rank = config.bottleneck_dim
+        if rank > min(in_features, out_features):
+            raise ValueError(
+                f"bottleneck_dim={rank} is larger than the adapted layer ({in_features} -> {out_features}): allowed 1..{min(in_features, out_features)}"
+            )
+        n_a = 1 if config.share_down else config.num_experts
+        n_b = 1 if config.share_up else config.num_experts
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.rank = rank
+        self.scaling = config.lora_scaling
+        self.lora_dropout = nn.Dropout(config.lora_dropout)
+        self.lora_A = nn.Parameter(_kaiming_experts(n_a, (rank * len(self.out_slices), in_features), config.expert_init, factory))
+        self.lora_B = nn.Parameter(torch.zeros(n_b, sum(length for _, length in self.out_slices), rank, **factory))
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
+
+    def projection_parameters(self, projection: Projection) -> list[nn.Parameter]:
+        return [self.lora_A] if projection is Projection.DOWN else [self.lora_B]
+
+    def _slice_blocks(self, lora_b: torch.Tensor):
+        """Yield ``(start, length, rank block of A, rows of B)`` per adapted output range."""
+        row = 0
+        for index, (start, length) in enumerate(self.out_slices):
+            yield start, length, slice(index * self.rank, (index + 1) * self.rank), lora_b[row : row + length]
+            row += length
+
+    def adapt(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, down: int, up: int) -> torch.Tensor:
+        lora_a, lora_b = weights
+        low_rank = F.linear(self.lora_dropout(x), lora_a[down]) * self.scaling
+        pieces, cursor = [], 0
+        for start, length, block, rows in self._slice_blocks(lora_b[up]):
+            pieces.append(base_out[..., cursor:start])
+            pieces.append(base_out[..., start : start + length] + F.linear(low_rank[..., block], rows))
+            cursor = start + length
+        pieces.append(base_out[..., cursor:])
+        return torch.cat(pieces, dim=-1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The merged update ``scaling * B A`` in ``nn.Linear`` layout ``[out, in]``."""
+        lora_a, lora_b = (p.detach().mean(dim=0) for p in self.expert_parameters())
+        in_features, out_features = base_features(self.base_layer)
+        delta = lora_a.new_zeros(out_features, in_features)
+        for start, length, block, rows in self._slice_blocks(lora_b):
+            delta[start : start + length] = rows @ lora_a[block] * self.scaling
+        return delta
+
+    @torch.no_grad()
+    def folded_base_layer(self) -> nn.Module:
+        """The base layer with the merged delta added to its weight: zero inference overhead."""
+        delta = self.delta_weight()
+        weight = self.base_layer.weight
+        weight.add_((delta.T if isinstance(self.base_layer, Conv1D) else delta).to(weight.dtype))
+        return self.base_layer
+
+
+def _normal_experts(num: int, shape: tuple[int, ...], init: str, factory: dict) -> torch.Tensor:
+    """N(0, 0.02) weights, drawn per expert or once and copied (``expert_init``)."""
+    draws = 1 if init == "shared" else num
+    return torch.empty(draws, *shape, **factory).normal_(0.0, 0.02).expand(num, *shape).clone()
+
+
+def _kaiming_experts(num: int, shape: tuple[int, ...], init: str, factory: dict) -> torch.Tensor:
+    """``nn.Linear``'s kaiming-uniform init, drawn per expert or once and copied (``expert_init``)."""
+    draws = torch.empty(1 if init == "shared" else num, *shape, **factory)
+    for expert in draws:
+        nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+    return draws.expand(num, *shape).clone()

@@ -1,0 +1,178 @@
+"""Injection of AdaMix into Hugging Face models, merging and parameter accounting."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from adamix_ds.config import AdaMixConfig
+from adamix_ds.layer import AdaMixBottleneck, AdaMixLayer, AdaMixLoRA, base_features
+
+# Built-in placements, by ``config.model_type``: the FFN output for bottleneck adapters (the spec's
+# single slot per layer, never the attention output), attention query and value for LoRA.
+BOTTLENECK_TARGETS: dict[str, list[str]] = {
+    "bert": [r"layer\.\d+\.output\.dense"],
+    "roberta": [r"layer\.\d+\.output\.dense"],
+    "deberta-v2": [r"layer\.\d+\.output\.dense"],
+    "gpt2": [r"h\.\d+\.mlp\.c_proj"],
+}
+LORA_TARGETS: dict[str, list[str]] = {
+    "bert": [r"attention\.self\.query", r"attention\.self\.value"],
+    "roberta": [r"attention\.self\.query", r"attention\.self\.value"],
+    "deberta-v2": [r"attention\.self\.query_proj", r"attention\.self\.value_proj"],
+    "gpt2": [r"h\.\d+\.attn\.c_attn"],
+}
+# Task heads trained and saved with the adapter. BERT's pooler is pretrained and stays frozen;
+# DeBERTa's pooler is freshly initialised by the classification model, so it belongs to the head.
+HEAD_MODULES: dict[str, list[str]] = {
+    "bert": ["classifier"],
+    "roberta": ["classifier"],
+    "deberta-v2": ["pooler", "classifier"],
+    "gpt2": ["score"],
+}
+GENERIC_HEADS = ["classifier", "score", "qa_outputs"]
+
+
+def adamix_layers(model: nn.Module) -> Iterator[tuple[str, AdaMixLayer]]:
+    """``(name, layer)`` for every AdaMix layer of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaMixLayer):
+            yield name, module
+
+
+def get_config(model: nn.Module) -> AdaMixConfig:
+    """The ``AdaMixConfig`` that ``add_adamix`` attached to ``model``."""
+    config = getattr(model, "adamix_config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no AdaMix layers: call add_adamix(model, config) first")
+    return config
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _fused_qkv_slices(model_type: str | None, name: str, out_features: int) -> list[tuple[int, int]] | None:
+    """GPT-2's ``c_attn`` computes [q, k, v] in one matmul; LoRA adapts the q and v thirds only."""
+    if model_type == "gpt2" and name.endswith("c_attn"):
+        third = out_features // 3
+        return [(0, third), (2 * third, third)]
+    return None
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(re.search(rf"(^|\.){pattern}$", name) for pattern in patterns)
+
+
+def add_adamix(model: nn.Module, config: AdaMixConfig) -> nn.Module:
+    """Inject AdaMix into ``model`` in place and return it.
+
+    The backbone (LayerNorms and pooler included) is frozen; adapter experts and the task head
+    (``config.modules_to_save`` or the architecture's head) are trainable. The config is attached as
+    ``model.adamix_config``.
+    """
+    if getattr(model, "adamix_config", None) is not None:
+        raise ValueError("model already has AdaMix layers: add_adamix may be called once per model")
+    model_type = _model_type(model)
+    builtin = BOTTLENECK_TARGETS if config.adapter_type == "bottleneck" else LORA_TARGETS
+    targets = config.target_modules if config.target_modules is not None else builtin.get(model_type)
+    if targets is None:
+        raise ValueError(
+            f"model_type={model_type!r} has no built-in AdaMix placement (built-in: {', '.join(builtin)}): pass target_modules"
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    names = [name for name, module in model.named_modules() if name and _matches(name, targets)]
+    if not names:
+        raise ValueError(f"target_modules={targets} matched no module of {type(model).__name__}")
+    for layer_id, name in enumerate(names):
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child_name)
+        if config.adapter_type == "bottleneck":
+            wrapped = AdaMixBottleneck(base, config, layer_id)
+        else:
+            slices = _fused_qkv_slices(model_type, name, base_features(base)[1])
+            wrapped = AdaMixLoRA(base, config, layer_id, out_slices=slices)
+        setattr(parent, child_name, wrapped)
+
+    heads = config.modules_to_save
+    if heads is None:
+        heads = HEAD_MODULES.get(model_type, [h for h in GENERIC_HEADS if hasattr(model, h)])
+    for head in heads:
+        try:
+            module = model.get_submodule(head)
+        except AttributeError:
+            raise ValueError(f"modules_to_save entry {head!r} is not a module of {type(model).__name__}") from None
+        for param in module.parameters():
+            param.requires_grad_(True)
+    model.adamix_head_modules = list(heads)
+    model.adamix_config = config
+    return model
+
+
+def merge_adamix(model: nn.Module, fold: bool = False) -> nn.Module:
+    """Collapse every mixture to one adapter (the experts' average) in place and return ``model``.
+
+    ``fold=True`` (LoRA variant only) adds the merged delta into the frozen weight and removes the
+    adapter layers: the model is then a plain backbone with zero inference overhead.
+    """
+    config = get_config(model)
+    if fold and config.adapter_type != "lora":
+        raise ValueError(f"fold=True needs adapter_type='lora', got adapter_type={config.adapter_type!r}")
+    for name, layer in list(adamix_layers(model)):
+        if fold:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, layer.folded_base_layer())
+        else:
+            layer.merge_()
+    model.adamix_config = AdaMixConfig.from_dict({**config.to_dict(), "num_experts": 1, "eval_expert": 0})
+    if fold:
+        model.adamix_folded = True
+    return model
+
+
+def set_eval_mode(model: nn.Module, eval_mode: str, eval_expert: int = 0) -> None:
+    """Switch how every AdaMix layer routes at inference (see ``AdaMixConfig.eval_mode``)."""
+    config = AdaMixConfig.from_dict({**get_config(model).to_dict(), "eval_mode": eval_mode, "eval_expert": eval_expert})
+    for _, layer in adamix_layers(model):
+        layer.eval_mode, layer.eval_expert = config.eval_mode, config.eval_expert
+    model.adamix_config = config
+
+
+def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the task-head modules saved with the adapter."""
+    for head in getattr(model, "adamix_head_modules", []):
+        for name, param in model.get_submodule(head).named_parameters():
+            yield f"{head}.{name}", param
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: ``adapter`` (all experts), ``adapter_merged`` (after ``merge_adamix``),
+    ``head`` (task head) and ``frozen`` (everything else). Works on the meta device."""
+    adapter_ids: set[int] = set()
+    adapter = adapter_merged = 0
+    for _, layer in adamix_layers(model):
+        for param in layer.expert_parameters():
+            adapter_ids.add(id(param))
+            adapter += param.numel()
+            adapter_merged += param[0].numel()
+    head_ids = {id(p) for _, p in head_parameters(model)}
+    head = sum(p.numel() for _, p in head_parameters(model))
+    frozen = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids | head_ids)
+    return {"adapter": adapter, "adapter_merged": adapter_merged, "head": head, "frozen": frozen}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters the optimizer should own: experts and head."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def expert_parameter_names(model: nn.Module) -> set[str]:
+    """Fully qualified names of the stacked expert tensors."""
+    ids = {id(p) for _, layer in adamix_layers(model) for p in layer.expert_parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+

@@ -1,0 +1,118 @@
+"""Reference optimizer semantics for stacked experts.
+
+In the reference code every expert is its own parameter: an expert that no pass routed to gets no
+gradient, so AdamW neither moves it (momentum) nor decays it, and its moments stay as they were.
+Stacked experts receive exact-zero gradients instead, which AdamW would still act on. ``ExpertStepGuard``
+restores the unrouted slices (weights and every per-element optimizer state) around each optimizer
+step, so the step acts only on the experts that were used since the previous step.
+
+One difference remains by construction: the optimizer's step counter (bias correction) is per tensor,
+so an expert that sat out some steps is bias-corrected with the tensor's count, not its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from adamix_ds.model import adamix_layers
+from adamix_ds.routing import Projection
+
+T = TypeVar("T")
+
+
+class OptimizerAccess(Protocol):
+    """How to read and write a parameter's master weights and per-element optimizer state."""
+
+    def get_param(self, param: nn.Parameter) -> torch.Tensor: ...
+
+    def set_param(self, param: nn.Parameter, value: torch.Tensor) -> None: ...
+
+    def state_keys(self, param: nn.Parameter) -> list[str]: ...
+
+    def get_state(self, param: nn.Parameter, key: str) -> torch.Tensor | None: ...
+
+    def set_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None: ...
+
+
+class TorchOptimizerAccess:
+    """``OptimizerAccess`` for a plain ``torch.optim`` optimizer that owns the parameters directly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def get_param(self, param: nn.Parameter) -> torch.Tensor:
+        return param.detach().clone()
+
+    def set_param(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            param.copy_(value)
+
+    def state_keys(self, param: nn.Parameter) -> list[str]:
+        # AdamW's exp_avg / exp_avg_sq (and max_exp_avg_sq); after the first step the state exists.
+        return [k for k, v in self.optimizer.state.get(param, {}).items() if torch.is_tensor(v) and v.shape == param.shape]
+
+    def get_state(self, param: nn.Parameter, key: str) -> torch.Tensor | None:
+        value = self.optimizer.state.get(param, {}).get(key)
+        return None if value is None else value.detach().clone()
+
+    def set_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None:
+        self.optimizer.state[param][key].copy_(value)
+
+
+class ExpertStepGuard:
+    """Runs optimizer steps that leave experts unrouted since the previous step untouched.
+
+    Call ``guard.step(optimizer.step)`` (or ``guard.step(engine.step)`` at a gradient-accumulation
+    boundary) instead of the bare step. Routing is identical on every rank, so every rank restores the
+    same slices.
+    """
+
+    def __init__(self, model: nn.Module, access: OptimizerAccess) -> None:
+        self.model = model
+        self.access = access
+
+    def _unrouted(self) -> list[tuple[nn.Parameter, list[int]]]:
+        result = []
+        for _, layer in adamix_layers(self.model):
+            for projection in Projection:
+                unused = [k for k in range(layer.experts_in(projection)) if k not in layer.routed[projection]]
+                if unused:
+                    result.extend((param, unused) for param in layer.projection_parameters(projection) if param.requires_grad)
+        return result
+
+    def step(self, step_fn: Callable[[], T]) -> T:
+        """Run ``step_fn`` (the optimizer step) and undo its effect on unrouted expert slices."""
+        saved: list[tuple[nn.Parameter, list[int], torch.Tensor, dict[str, torch.Tensor | None]]] = []
+        for param, unused in self._unrouted():
+            states = {key: self.access.get_state(param, key) for key in self.access.state_keys(param)}
+            saved.append((param, unused, self.access.get_param(param)[unused], {k: v if v is None else v[unused] for k, v in states.items()}))
+        result = step_fn()
+        for param, unused, weights, states in saved:
+            full = self.access.get_param(param)
+            full[unused] = weights.to(full.dtype)
+            self.access.set_param(param, full)
+            for key in self.access.state_keys(param):
+                value = self.access.get_state(param, key)
+                # A state created by this very step started from zero, as it would have for an unused expert.
+                value[unused] = 0 if states.get(key) is None else states[key].to(value.dtype)
+                self.access.set_state(param, key, value)
+        for _, layer in adamix_layers(self.model):
+            layer.reset_routed()
+        return result
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with the recipe's grouping: no decay on biases."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith("bias") or param.dim() < 2 else decay).append(param)
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)

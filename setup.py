@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="adamix-ds",
+    version="0.1.0",
+    description="AdaMix (mixture-of-adaptations) parameter-efficient fine-tuning with DeepSpeed",
+    long_description=Path(__file__).with_name("README.md").read_text() if Path(__file__).with_name("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["adamix_ds", "adamix_ds.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "deepspeed>=0.16,<0.20",
+        "transformers>=4.46,<6",
+        "datasets>=3.0,<6",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "scikit-learn>=1.3",
+        "scipy>=1.11",
+        "tensorboard>=2.15",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.13,<0.22", "matplotlib>=3.8", "psutil>=5.9", "ruff>=0.6"],
+        "kernels": ["triton>=3.1"],
+        "nlg": ["sacrebleu>=2.4", "nltk>=3.8"],
+    },
+)
