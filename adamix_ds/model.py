@@ -100,8 +100,8 @@ def add_adamix(model: nn.Module, config: AdaMixConfig) -> nn.Module:
         setattr(parent, child_name, wrapped)
 
     heads = config.modules_to_save
-    if heads is None:
-        heads = HEAD_MODULES.get(model_type, [h for h in GENERIC_HEADS if hasattr(model, h)])
+    if heads is None:  # the built-in head names that this model has (a causal LM has none: its head is tied)
+        heads = [h for h in HEAD_MODULES.get(model_type, GENERIC_HEADS) if hasattr(model, h)]
     for head in heads:
         try:
             module = model.get_submodule(head)

@@ -1,0 +1,41 @@
+"""Shared fixtures and the paths CI provides."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_models import ARCHITECTURES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for launched ranks: this venv's tools first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def model_type(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=("bottleneck", "lora"))
+def adapter_type(request) -> str:
+    return request.param

@@ -1,0 +1,68 @@
+"""The symmetric-KL consistency loss and the two-pass training helper."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adamix_ds import AdaMixConfig, adamix_loss, add_adamix, consistency_loss
+from adamix_ds.model import adamix_layers
+
+from tiny_models import tiny_classifier, token_batch
+
+
+def manual_symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    p_a, p_b = a.softmax(-1), b.softmax(-1)
+    kl_ba = (p_b * (p_b.log() - p_a.log())).sum(-1).mean()
+    kl_ab = (p_a * (p_a.log() - p_b.log())).sum(-1).mean()
+    return 0.5 * (kl_ab + kl_ba)
+
+
+def test_value_is_the_symmetric_batchmean_kl():
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    torch.testing.assert_close(consistency_loss(a, b), manual_symmetric_kl(a, b))
+    torch.testing.assert_close(consistency_loss(a, b), consistency_loss(b, a))
+    assert consistency_loss(a, a.clone()).item() == 0.0
+
+
+def test_targets_are_stop_gradient():
+    a = torch.randn(4, 3, requires_grad=True)
+    b = torch.randn(4, 3, requires_grad=True)
+    consistency_loss(a, b).backward()
+    # d/da of 0.5*KL(sg(p_b)||p_a) is 0.5*(p_a - p_b)/N; KL(sg(p_a)||p_b) contributes nothing to a.
+    expected = 0.5 * (a.softmax(-1) - b.softmax(-1)).detach() / a.shape[0]
+    torch.testing.assert_close(a.grad, expected)
+    torch.testing.assert_close(b.grad, -expected)
+
+
+def test_half_precision_inputs_are_computed_in_fp32():
+    a, b = torch.randn(4, 7), torch.randn(4, 7)
+    loss = consistency_loss(a.half(), b.half())
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, manual_symmetric_kl(a.half().float(), b.half().float()))
+
+
+def test_mask_keeps_only_target_tokens():
+    a, b = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    torch.testing.assert_close(consistency_loss(a, b, mask), manual_symmetric_kl(a[mask], b[mask]))
+
+
+def test_helper_runs_two_independently_routed_passes():
+    model = add_adamix(tiny_classifier("bert"), AdaMixConfig(bottleneck_dim=4, num_experts=4)).train()
+    batch = token_batch()
+    out = adamix_loss(model, batch, consistency_weight=2.0)
+    assert all(layer.forward_count == 2 for _, layer in adamix_layers(model))
+    assert out.consistency_loss > 0
+    torch.testing.assert_close(out.loss.detach(), out.task_loss + 2.0 * out.consistency_loss)
+    torch.testing.assert_close(out.task_loss, F.cross_entropy(out.logits, batch["labels"]).detach())
+
+
+def test_helper_makes_one_pass_when_the_term_cannot_matter():
+    model = add_adamix(tiny_classifier("bert", num_labels=1), AdaMixConfig(bottleneck_dim=4, num_experts=4)).train()
+    batch = {"input_ids": token_batch()["input_ids"], "labels": torch.rand(4)}
+    out = adamix_loss(model, batch, consistency_weight=1.0)  # regression: one logit, constant softmax
+    assert out.consistency_loss.item() == 0.0
+    assert all(layer.forward_count == 1 for _, layer in adamix_layers(model))
+    adamix_loss(model, token_batch(), consistency_weight=0.0)
+    assert all(layer.forward_count == 2 for _, layer in adamix_layers(model))

@@ -1,0 +1,82 @@
+"""Reference optimizer semantics: an expert not routed to is neither moved nor decayed by a step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adamix_ds import AdaMixBottleneck, AdaMixConfig, ExpertStepGuard, TorchOptimizerAccess
+from adamix_ds.routing import Projection
+
+EXPERTS, HIDDEN, RANK = 4, 16, 4
+
+
+def routed_layer() -> AdaMixBottleneck:
+    torch.manual_seed(0)
+    layer = AdaMixBottleneck(nn.Linear(HIDDEN, HIDDEN), AdaMixConfig(bottleneck_dim=RANK, num_experts=EXPERTS, share_up=False), 0)
+    layer.base_layer.requires_grad_(False)
+    return layer.train()
+
+
+def test_one_step_matches_per_parameter_adamw_with_unrouted_experts_left_alone():
+    layer = routed_layer()
+    names = ["down_weight", "down_bias", "up_weight", "up_bias"]
+    # The reference code: one parameter per expert, an unrouted expert has no gradient at all.
+    reference = {name: [nn.Parameter(getattr(layer, name)[k].detach().clone()) for k in range(EXPERTS)] for name in names}
+    optimizer = torch.optim.AdamW(layer.expert_parameters(), lr=0.1, weight_decay=0.1)
+    reference_optimizer = torch.optim.AdamW([p for ps in reference.values() for p in ps], lr=0.1, weight_decay=0.1)
+    before = {name: getattr(layer, name).detach().clone() for name in names}
+
+    layer(torch.randn(8, HIDDEN)).pow(2).sum().backward()
+    (down,), (up,) = layer.routed[Projection.DOWN], layer.routed[Projection.UP]
+    for name in names:
+        chosen = down if name.startswith("down") else up
+        for k, param in enumerate(reference[name]):
+            param.grad = getattr(layer, name).grad[k].clone() if k == chosen else None
+    ExpertStepGuard(layer, TorchOptimizerAccess(optimizer)).step(optimizer.step)
+    reference_optimizer.step()
+
+    for name in names:
+        chosen = down if name.startswith("down") else up
+        for k in range(EXPERTS):
+            torch.testing.assert_close(getattr(layer, name)[k], reference[name][k].detach(), rtol=0, atol=1e-7)
+            if k != chosen:
+                assert torch.equal(getattr(layer, name)[k], before[name][k])
+                state = optimizer.state[getattr(layer, name)]
+                assert torch.count_nonzero(state["exp_avg"][k]) == 0 and torch.count_nonzero(state["exp_avg_sq"][k]) == 0
+    assert layer.routed[Projection.DOWN] == set()  # usage is reset for the next step
+
+
+def test_plain_adamw_without_the_guard_moves_unrouted_experts():
+    layer = routed_layer()
+    optimizer = torch.optim.AdamW(layer.expert_parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(2):  # the second step has momentum from the first
+        before = layer.down_weight.detach().clone()
+        layer(torch.randn(8, HIDDEN)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    (down,) = layer.routed[Projection.DOWN]
+    unrouted = [k for k in range(EXPERTS) if k != down]
+    assert not torch.equal(layer.down_weight[unrouted], before[unrouted])
+
+
+def test_over_many_steps_each_step_touches_only_its_routed_experts():
+    layer = routed_layer()
+    optimizer = torch.optim.AdamW(layer.expert_parameters(), lr=0.05, weight_decay=0.1)
+    guard = ExpertStepGuard(layer, TorchOptimizerAccess(optimizer))
+    touched = set()
+    for _ in range(12):
+        snapshot = layer.down_weight.detach().clone()
+        moments = {k: v.clone() for k, v in optimizer.state[layer.down_weight].items()} if optimizer.state else {}
+        for _ in range(2):  # two passes per step, as with the consistency loss
+            layer(torch.randn(8, HIDDEN)).pow(2).sum().backward()
+        used = set(layer.routed[Projection.DOWN])
+        guard.step(optimizer.step)
+        optimizer.zero_grad()
+        touched |= used
+        for k in range(EXPERTS):
+            moved = not torch.equal(layer.down_weight[k], snapshot[k])
+            assert moved == (k in used)
+            if k not in used and moments:
+                assert torch.equal(optimizer.state[layer.down_weight]["exp_avg"][k], moments["exp_avg"][k])
+    assert touched == set(range(EXPERTS))

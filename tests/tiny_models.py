@@ -1,0 +1,45 @@
+"""Tiny random models of every built-in architecture and random token batches, for tests and rank workers."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+ARCHITECTURES = ("bert", "roberta", "deberta-v2", "gpt2")
+
+
+def tiny_config(model_type: str, num_labels: int = 2):
+    """A 2-layer, hidden-32 config of ``model_type``: small enough for a test, same module layout."""
+    if model_type == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=128, pad_token_id=0, num_labels=num_labels)
+    return AutoConfig.for_model(
+        model_type,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+
+
+def tiny_classifier(model_type: str, seed: int = 0, num_labels: int = 2) -> torch.nn.Module:
+    """A randomly initialised sequence classifier of ``model_type`` (same weights for the same seed)."""
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels)).eval()
+
+
+def tiny_gpt2_lm(seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised 2-layer GPT-2 language model."""
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(tiny_config("gpt2")).eval()
+
+
+def token_batch(batch: int = 4, length: int = 9, seed: int = 1, num_labels: int = 2) -> dict[str, torch.Tensor]:
+    """Random token ids (no pad id) with classification labels."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1, 128, (batch, length), generator=generator),
+        "labels": torch.randint(0, num_labels, (batch,), generator=generator),
+    }
