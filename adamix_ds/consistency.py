@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from adamix_ds.model import adamix_layers
 
 
 def consistency_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,23 +44,46 @@ class AdaMixLoss:
     logits: torch.Tensor
 
 
+@contextlib.contextmanager
+def stacked_passes(model: nn.Module, passes: int) -> Iterator[None]:
+    """Inside the block, one training forward of ``passes`` stacked copies of a batch is ``passes``
+    routed passes: every AdaMix layer routes each batch chunk separately, consuming the same routing
+    stream as that many consecutive forwards."""
+    layers = [layer for _, layer in adamix_layers(model)]
+    for layer in layers:
+        layer.passes = passes
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.passes = 1
+
+
 def adamix_loss(model: Callable[..., object], batch: Mapping[str, torch.Tensor], consistency_weight: float) -> AdaMixLoss:
     """Run the AdaMix training passes on ``batch`` and return task loss + weighted consistency loss.
 
     ``model`` is a Hugging Face model (or a DeepSpeed engine around one) whose output has ``loss`` and
-    ``logits``. Pass 1 gives the task loss; pass 2, with its own routing and dropout, is made only when
-    the consistency term can be non-zero (``consistency_weight > 0`` and more than one logit: a
-    regression head's one-logit softmax is constant). For 3-D logits with ``labels`` (causal LM), the KL
-    is taken at target tokens only, aligned with the model's shifted loss.
+    ``logits``; every tensor of ``batch`` is batch-first. The two passes, each with its own routing and
+    dropout, run as one forward over the batch stacked twice: the same routes as two sequential passes,
+    but one larger matrix product per backbone weight instead of two. The task loss is pass 1's (pass 2's
+    labels are ignored with -100). A single pass runs when the term cannot matter:
+    ``consistency_weight == 0`` or float labels (regression: a one-logit softmax is constant). For 3-D
+    logits with ``labels`` (causal LM), the KL is taken at target tokens only, aligned with the model's
+    shifted loss.
     """
-    first = model(**batch)
-    zero = first.loss.new_zeros(())
-    if consistency_weight == 0 or first.logits.shape[-1] == 1:
-        return AdaMixLoss(first.loss, first.loss.detach(), zero, first.logits)
-    second = model(**batch)
-    logits_a, logits_b, mask = first.logits, second.logits, None
-    if logits_a.dim() == 3 and "labels" in batch:
-        logits_a, logits_b = logits_a[:, :-1], logits_b[:, :-1]
-        mask = batch["labels"][:, 1:] != -100
+    labels = batch.get("labels")
+    if consistency_weight == 0 or (labels is not None and labels.is_floating_point()):
+        out = model(**batch)
+        return AdaMixLoss(out.loss, out.loss.detach(), out.loss.new_zeros(()), out.logits)
+    stacked = {key: torch.cat([value, value]) for key, value in batch.items()}
+    if labels is not None:
+        stacked["labels"] = torch.cat([labels, torch.full_like(labels, -100)])
+    with stacked_passes(getattr(model, "module", model), 2):
+        out = model(**stacked)
+    first, second = out.logits.chunk(2)
+    logits_a, logits_b, mask = first, second, None
+    if first.dim() == 3 and labels is not None:
+        logits_a, logits_b = first[:, :-1], second[:, :-1]
+        mask = labels[:, 1:] != -100
     consistency = consistency_loss(logits_a, logits_b, mask)
-    return AdaMixLoss(first.loss + consistency_weight * consistency, first.loss.detach(), consistency.detach(), first.logits)
+    return AdaMixLoss(out.loss + consistency_weight * consistency, out.loss.detach(), consistency.detach(), first)

@@ -46,6 +46,8 @@ class AdaMixLayer(nn.Module):
         self.num_experts = config.num_experts
         self.forward_count = 0
         self.eval_forward_count = 0
+        # Routed passes stacked along the batch dimension of one call (see adamix_ds.consistency).
+        self.passes = 1
         # Experts used by training passes since the last optimizer step (see adamix_ds.optim).
         self.routed: dict[Projection, set[int]] = {p: set() for p in Projection}
         self._merged_cache: tuple[tuple, Weights] | None = None
@@ -65,7 +67,9 @@ class AdaMixLayer(nn.Module):
 
     def experts_in(self, projection: Projection) -> int:
         """Number of experts stored for ``projection`` (1 when shared or merged)."""
-        return self.projection_parameters(projection)[0].shape[0]
+        param = self.projection_parameters(projection)[0]
+        # Outside its module's forward a ZeRO-3 parameter is an empty placeholder; ds_shape is its real shape.
+        return getattr(param, "ds_shape", param.shape)[0]
 
     # -- routing ----------------------------------------------------------------------------------
     def _draw(self, stream: Stream, count: int) -> tuple[int, int]:
@@ -77,11 +81,7 @@ class AdaMixLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base_out = self.base_layer(x, *args, **kwargs)
         if self.training:
-            down, up = self._draw(Stream.TRAIN, self.forward_count)
-            self.forward_count += 1
-            self.routed[Projection.DOWN].add(down)
-            self.routed[Projection.UP].add(up)
-            return self.adapt(x, base_out, tuple(self.expert_parameters()), down, up)
+            return self._routed_forward(x, base_out)
         if self.eval_mode == "merged":
             return self.adapt(x, base_out, self.merged_weights(), 0, 0)
         if self.eval_mode == "random":
@@ -95,6 +95,22 @@ class AdaMixLayer(nn.Module):
         n_down, n_up = (self.experts_in(p) for p in Projection)
         outputs = [self.adapt(x, base_out, weights, k % n_down, k % n_up) for k in range(max(n_down, n_up))]
         return torch.stack(outputs).mean(dim=0)
+
+    def _routed_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Training forward: each of the ``passes`` batch chunks is one routed pass, drawn exactly as
+        that many consecutive calls would draw."""
+        weights = tuple(self.expert_parameters())
+        routes = [self._draw(Stream.TRAIN, self.forward_count + p) for p in range(self.passes)]
+        self.forward_count += self.passes
+        for down, up in routes:
+            self.routed[Projection.DOWN].add(down)
+            self.routed[Projection.UP].add(up)
+        if self.passes == 1:
+            return self.adapt(x, base_out, weights, *routes[0])
+        if x.shape[0] % self.passes:
+            raise ValueError(f"batch of {x.shape[0]} rows cannot hold {self.passes} stacked passes: allowed a multiple of {self.passes}")
+        chunks = zip(x.chunk(self.passes), base_out.chunk(self.passes), routes)
+        return torch.cat([self.adapt(x_p, out_p, weights, down, up) for x_p, out_p, (down, up) in chunks])
 
     def reset_routed(self) -> None:
         """Forget which experts were used; called after each optimizer step."""

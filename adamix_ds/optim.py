@@ -105,8 +105,11 @@ class ExpertStepGuard:
         return result
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters with the recipe's grouping: no decay on biases."""
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in the recipe's two groups: weight decay on weights, none on biases.
+
+    Also what a DeepSpeed engine takes as ``model_parameters`` for the optimizer of its config.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -115,4 +118,9 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[f
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    return [g for g in groups if g["params"]]
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with the recipe's grouping: no decay on biases."""
+    return torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)

@@ -66,3 +66,26 @@ def test_helper_makes_one_pass_when_the_term_cannot_matter():
     assert all(layer.forward_count == 1 for _, layer in adamix_layers(model))
     adamix_loss(model, token_batch(), consistency_weight=0.0)
     assert all(layer.forward_count == 2 for _, layer in adamix_layers(model))
+
+
+def test_stacked_passes_equal_two_sequential_passes():
+    model = add_adamix(tiny_classifier("bert"), AdaMixConfig(bottleneck_dim=4, num_experts=4, share_up=False)).train()
+    for module in model.modules():  # no dropout: the two ways must then agree to rounding
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        for _, layer in adamix_layers(model):
+            layer.down_weight.normal_(0, 0.5)  # experts far apart, so a routing difference shows
+            layer.up_weight.normal_(0, 0.5)
+        model.classifier.weight.normal_(0, 10.0)
+    batch = token_batch()
+    stacked = adamix_loss(model, batch, consistency_weight=1.0)
+    for _, layer in adamix_layers(model):
+        layer.forward_count = 0
+    first = model(**batch)
+    second = model(input_ids=batch["input_ids"])
+    expected = first.loss + consistency_loss(first.logits, second.logits)
+    assert stacked.consistency_loss > 1e-4
+    torch.testing.assert_close(stacked.logits, first.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stacked.loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stacked.task_loss, first.loss.detach(), rtol=1e-5, atol=1e-6)
