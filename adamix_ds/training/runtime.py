@@ -1,0 +1,121 @@
+"""Process setup: which rank this is, starting torch.distributed, threads, logging, seeds, input errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("adamix_ds.train")
+
+# Exit status of a run refused for bad input (the same as argparse's for a bad flag).
+USAGE_ERROR = 2
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, read from the environment the launcher set."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> DistEnv:
+    """Rank and world size from ``deepspeed``/``torchrun`` variables; one process when started by ``python``."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=world_size,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size))),
+    )
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPUs), also for a plain ``python`` run."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "MASTER_ADDR" not in os.environ:
+        # Started by plain python: a one-process group on a free local port.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(env.local_rank)
+    deepspeed.init_distributed()
+
+
+def configure_threads(env: DistEnv) -> None:
+    """On CPU, share the cores between the ranks of this machine unless OMP_NUM_THREADS says otherwise.
+
+    Each rank would otherwise start one thread per core, and the ranks would fight over every core.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, env.local_world_size)))
+
+
+def setup_logging(env: DistEnv) -> None:
+    """Log lines on rank 0; other ranks report warnings and errors only."""
+    level = logging.INFO if env.is_main else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, force=True)
+    for name in ("DeepSpeed", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import datasets
+    import transformers
+
+    # DeepSpeed calls collectives that torch has renamed; the warning repeats at every step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def release_shared_memory(env: DistEnv) -> None:
+    """Unlink this rank's ``/dev/shm`` buffer of DeepSpeed's CPU allreduce, after the last collective.
+
+    DeepSpeed 0.19 creates one (about 70 MB) per CPU rank and run and never removes it, so every run
+    would leave its buffers in memory. Peers that still map it keep their mapping until they exit.
+    """
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{env.rank}"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join("/dev/shm", name))
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of optimizer step ``step`` on ``rank``: dropout is a pure function of the step, so a
+    resumed run draws the same masks as an uninterrupted one without saving RNG states."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+@contextlib.contextmanager
+def usage_errors(env: DistEnv, prog: str = "train.py") -> Iterator[None]:
+    """Turn bad input found in the block (``ValueError``, ``OSError``) into one line on stderr and exit 2.
+
+    Only rank 0 prints: every rank checks the same input and would repeat the line.
+    """
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        message = " ".join(str(error).split())
+        if env.is_main:
+            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(USAGE_ERROR) from None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

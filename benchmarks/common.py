@@ -1,0 +1,323 @@
+"""What the benchmark scripts share: the command line, backbones, the single-adapter references, output.
+
+The single adapter and single LoRA here are deliberately written from scratch (``nn.Linear`` modules, no
+``adamix_ds.layer`` code): they are the baselines AdaMix is measured against, so they must not share
+its implementation. They sit in the same slots as AdaMix (``add_adamix``'s placement, freezing and task
+heads are reused, then every AdaMix layer is swapped for a plain one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+
+from adamix_ds import AdaMixConfig, add_adamix
+from adamix_ds.layer import AdaMixLayer, AdaMixLoRA, base_features
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO_ROOT / "benchmarks"
+RESULTS_DIR = BENCH_DIR / "results"
+DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+# Published configs, written out so that nothing is downloaded (bert-base-uncased, roberta-large,
+# microsoft/deberta-v2-xxlarge, gpt2-medium). Encoders get a 2-class head (GLUE); GPT-2 is the causal LM
+# of the paper's E2E experiments.
+BACKBONES: dict[str, dict[str, Any]] = {
+    "bert-base": dict(
+        model_type="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522
+    ),
+    "roberta-large": dict(
+        model_type="roberta",
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        vocab_size=50265,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+    ),
+    "deberta-v2-xxlarge": dict(
+        model_type="deberta-v2",
+        hidden_size=1536,
+        num_hidden_layers=48,
+        num_attention_heads=24,
+        intermediate_size=6144,
+        vocab_size=128100,
+        max_position_embeddings=512,
+        relative_attention=True,
+        position_buckets=256,
+        max_relative_positions=-1,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        conv_kernel_size=3,
+        conv_act="gelu",
+        position_biased_input=False,
+        type_vocab_size=0,
+        layer_norm_eps=1e-7,
+    ),
+    "gpt2-medium": dict(model_type="gpt2", n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257),
+}
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _docstring_args(fn: Callable) -> dict[str, str]:
+    """``{name: help}`` from the ``Args:`` section of ``fn``'s Google-style docstring."""
+    doc = inspect.getdoc(fn) or ""
+    section = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    helps: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        match = re.match(r"^    (\w+): (.*)$", line)
+        if match:
+            name = match.group(1)
+            helps[name] = match.group(2)
+        elif name and line.startswith("        "):
+            helps[name] += " " + line.strip()
+        elif line.strip() and not line.startswith(" "):
+            break
+    return helps
+
+
+def _argument(annotation: Any) -> dict[str, Any]:
+    """argparse keywords for one annotated parameter."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(annotation) in (list, tuple):
+        return {"nargs": "+", "type": typing.get_args(annotation)[0]}
+    return {"type": annotation}
+
+
+def cli(fn: Callable[..., dict[str, Any]], argv: list[str] | None = None) -> int:
+    """Run ``fn`` with flags made from its signature (``--name``, typed, defaults and help from the docstring).
+
+    ``fn`` returns its results; a non-empty ``results["failures"]`` is printed and makes the exit status 1.
+    """
+    hints = typing.get_type_hints(fn)
+    helps = _docstring_args(fn)
+    parser = argparse.ArgumentParser(
+        description=(inspect.getdoc(fn) or "").split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for name, param in inspect.signature(fn).parameters.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=param.default, help=helps.get(name, ""), **_argument(hints[name])
+        )
+    results = fn(**vars(parser.parse_args(argv)))
+    for failure in results.get("failures", []):
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if results.get("failures") else 0
+
+
+# -- environment and output -----------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Machine, library versions and date: the header every results table is read against."""
+    import deepspeed
+    import psutil
+    import transformers
+
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+    }
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        info["peft"] = None
+    return info
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table; the first column left-aligned, the rest right-aligned."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, results: dict[str, Any], markdown: str, out_dir: Path = RESULTS_DIR) -> None:
+    """Write ``<name>.json`` (the numbers) and ``<name>.md`` (the section ``run_all.py`` puts in RESULTS.md)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    print(markdown)
+
+
+# -- models ---------------------------------------------------------------------------------------
+def backbone_config(name: str, num_labels: int = 2) -> PretrainedConfig:
+    """The published config of backbone ``name`` (see ``BACKBONES``), eager attention."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone={name!r} is unknown: allowed {', '.join(BACKBONES)}")
+    values = dict(BACKBONES[name])
+    config = AutoConfig.for_model(values.pop("model_type"), num_labels=num_labels, **values)
+    # No pad id: transformers would otherwise look for padding in the ids, a data-dependent check that
+    # meta tensors cannot answer. Every benchmark batch is full, and the pad id changes no FLOP.
+    config.pad_token_id = None
+    return config
+
+
+def build_backbone(name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Backbone ``name`` with its task head, eager attention, on ``device`` without initialising weights.
+
+    On ``"meta"`` nothing is allocated. On a real device the weights and buffers are allocated and
+    zeroed: FLOP counters read shapes, not values, and zeros cannot produce NaNs or slow denormals.
+    """
+    config = backbone_config(name)
+    auto = AutoModelForCausalLM if config.model_type == "gpt2" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = auto.from_config(config, attn_implementation="eager", dtype=dtype)
+    if torch.device(device).type != "meta":
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.zero_()
+    return model
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """A new module tree over the same parameter and buffer tensors: inject adapters without copying weights."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def token_inputs(batch_size: int, seq_len: int, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """A full batch of token ids with explicit position ids (RoBERTa would derive them from the pad id)."""
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+    return {"input_ids": ids, "position_ids": torch.arange(seq_len, device=device).expand(batch_size, seq_len)}
+
+
+def training_labels(config: PretrainedConfig, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token labels for a causal LM, one class per sequence for a classifier."""
+    ids = inputs["input_ids"]
+    return ids if config.model_type == "gpt2" else ids[:, 0]
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class SingleAdapter(nn.Module):
+    """One bottleneck adapter on a layer's output: ``h + up(act(down(h)))``, the paper's baseline."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, activation: str) -> None:
+        super().__init__()
+        _, hidden = base_features(base_layer)
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.base_layer = base_layer
+        self.down = nn.Linear(hidden, rank, **factory)
+        self.up = nn.Linear(rank, hidden, **factory)
+        self.activation = ACTIVATIONS[activation]
+        for linear in (self.down, self.up):
+            nn.init.normal_(linear.weight, 0.0, 0.02)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        hidden = self.base_layer(x, *args, **kwargs)
+        return hidden + self.up(self.activation(self.down(hidden)))
+
+
+class SingleLoRA(nn.Module):
+    """One LoRA on some output ranges of a layer: ``base(x) + B A dropout(x) * alpha / r`` (microsoft/LoRA)."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float, out_slices: list[tuple[int, int]]) -> None:
+        super().__init__()
+        in_features, _ = base_features(base_layer)
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.base_layer = base_layer
+        self.out_slices = out_slices
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Linear(in_features, rank * len(out_slices), bias=False, **factory)
+        self.lora_B = nn.ModuleList(nn.Linear(rank, length, bias=False, **factory) for _, length in out_slices)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        for linear in self.lora_B:
+            nn.init.zeros_(linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        low_rank = self.lora_A(self.dropout(x)) * self.scaling
+        pieces, cursor = [], 0
+        for (start, length), blocks, up in zip(self.out_slices, low_rank.chunk(len(self.out_slices), dim=-1), self.lora_B, strict=True):
+            pieces += [out[..., cursor:start], out[..., start : start + length] + up(blocks)]
+            cursor = start + length
+        pieces.append(out[..., cursor:])
+        return torch.cat(pieces, dim=-1)
+
+
+def single_adapter_model(model: nn.Module, config: AdaMixConfig) -> nn.Module:
+    """``model`` with one plain adapter (or LoRA) of ``config``'s size in each AdaMix slot, in place.
+
+    ``add_adamix`` places, freezes and unfreezes the head exactly as for AdaMix; its layers are then
+    replaced by ``SingleAdapter`` / ``SingleLoRA`` around the same frozen base layers.
+    """
+    add_adamix(model, AdaMixConfig.from_dict({**config.to_dict(), "num_experts": 1, "eval_expert": 0}))
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, AdaMixLayer):
+            continue
+        if isinstance(module, AdaMixLoRA):
+            plain = SingleLoRA(module.base_layer, config.bottleneck_dim, config.lora_alpha, config.lora_dropout, module.out_slices)
+        else:
+            plain = SingleAdapter(module.base_layer, config.bottleneck_dim, config.activation)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, plain)
+    del model.adamix_config  # no longer an AdaMix model: nothing may treat it as one
+    return model
+
+
+# -- data -----------------------------------------------------------------------------------------
+def sst2_sentences(data_dir: Path, limit: int) -> tuple[list[str], list[int]]:
+    """The first ``limit`` SST-2 training sentences and labels from ``<data_dir>/glue/SST-2/train.tsv``."""
+    path = Path(data_dir) / "glue" / "SST-2" / "train.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(f"SST-2 not found at {path}: pass --data-dir (the folder holding glue/SST-2)")
+    sentences, labels = [], []
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+            sentences.append(row["sentence"])
+            labels.append(int(row["label"]))
+            if len(sentences) == limit:
+                break
+    return sentences, labels

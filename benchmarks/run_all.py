@@ -1,0 +1,96 @@
+"""Regenerate every benchmark table and plot, and assemble ``benchmarks/RESULTS.md``.
+
+    python benchmarks/run_all.py          # what `make bench` runs (about 7 minutes on 2 CPU cores)
+    python benchmarks/run_all.py --fast --out-dir /tmp/bench --plot-dir /tmp/bench --results-md /tmp/bench/RESULTS.md
+
+Runs ``flops.py``, ``throughput.py`` and ``zero_memory.py`` one after another, each in its own process
+(so one's memory and threads cannot disturb another's timings), then writes RESULTS.md: a header with
+the machine, versions and date, each script's section, and the ``## Fused adapter kernel`` section
+(written by ``kernel_bench.py`` on a GPU) carried over unchanged. Exits 1 if any script failed.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import BENCH_DIR, RESULTS_DIR, cli, environment, markdown_table
+
+SCRIPTS = ("flops", "throughput", "zero_memory")
+# Scripts that draw a plot take --plot-dir.
+PLOTTING = ("flops", "throughput")
+KERNEL_HEADING = "## Fused adapter kernel"
+
+
+def kernel_section(results_md: str) -> str | None:
+    """The ``## Fused adapter kernel`` section of an existing RESULTS.md (up to the next level-2 heading), if any."""
+    match = re.search(rf"^{re.escape(KERNEL_HEADING)}\n.*?(?=^## |\Z)", results_md, flags=re.MULTILINE | re.DOTALL)
+    return match.group(0).rstrip() if match else None
+
+
+def assemble(environment_info: dict[str, Any], timings: dict[str, float], sections: list[str], kernel: str | None) -> str:
+    """The whole RESULTS.md."""
+    machine = [
+        ["date", environment_info["date"]],
+        ["CPU", f"{environment_info['cpu']} ({environment_info['cpu_cores']} cores, {environment_info['torch_threads']} torch threads)"],
+        ["memory", f"{environment_info['memory_gb']} GiB"],
+        ["GPU", environment_info["gpu"] or "none"],
+        *[[name, environment_info[name]] for name in ("python", "torch", "deepspeed", "transformers", "peft")],
+        *[[f"`{name}.py` wall time", f"{seconds:.0f} s"] for name, seconds in timings.items()],
+    ]
+    parts = [
+        "# Benchmark results",
+        "",
+        "Regenerate everything below (except the GPU kernel section) with `make bench`, i.e. `python benchmarks/run_all.py`; "
+        "each script also runs alone (`python benchmarks/<name>.py --help`). Numbers in JSON: `benchmarks/results/`.",
+        "",
+        markdown_table(["", "this run"], machine),
+        "",
+        *[section.rstrip() + "\n" for section in sections],
+    ]
+    if kernel:
+        parts.append(kernel + "\n")
+    return "\n".join(parts)
+
+
+def run_all(
+    fast: bool = False, out_dir: Path = RESULTS_DIR, plot_dir: Path = BENCH_DIR, results_md: Path = BENCH_DIR / "RESULTS.md"
+) -> dict[str, Any]:
+    """Run every benchmark script and write RESULTS.md.
+
+    Args:
+        fast: run each script with --fast.
+        out_dir: where the scripts write their JSON and markdown sections.
+        plot_dir: where the scripts write their PNG plots.
+        results_md: the RESULTS.md to (re)write; its kernel section is kept.
+    """
+    timings: dict[str, float] = {}
+    failures = []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for name in SCRIPTS:
+        command = [sys.executable, str(BENCH_DIR / f"{name}.py"), "--out-dir", str(out_dir)]
+        command += ["--plot-dir", str(plot_dir)] if name in PLOTTING else []
+        command += ["--fast"] if fast else []
+        section = Path(out_dir) / f"{name}.md"
+        section.unlink(missing_ok=True)  # a crashed script must not leave an old section behind
+        print(f"$ {' '.join(command)}", flush=True)
+        start = time.perf_counter()
+        completed = subprocess.run(command)
+        timings[name] = time.perf_counter() - start
+        if completed.returncode != 0:
+            failures.append(f"{name}.py exited with status {completed.returncode}")
+        if not section.is_file():
+            section.write_text(f"## {name}\n\n**`benchmarks/{name}.py` failed (status {completed.returncode}) before writing results.**\n")
+    sections = [(Path(out_dir) / f"{name}.md").read_text() for name in SCRIPTS]
+    previous = results_md.read_text() if results_md.is_file() else ""
+    results_md.write_text(assemble(environment(), timings, sections, kernel_section(previous)))
+    print(f"wrote {results_md} ({sum(timings.values()):.0f} s)")
+    return {"timings": timings, "failures": failures}
+
+
+if __name__ == "__main__":
+    sys.exit(cli(run_all))

@@ -1,0 +1,296 @@
+#!/usr/bin/env python
+"""Train, evaluate, merge and save AdaMix on a GLUE task with DeepSpeed: the run_glue.py of adamix-ds.
+
+The CPU demo (real MiniLM on SST-2; a few minutes on 2 cores):
+    deepspeed launchers/train.py --deepspeed ds_configs/zero2.json
+Two ranks (CPU ranks, or two GPUs), any ZeRO stage:
+    deepspeed --num_gpus 2 launchers/train.py --deepspeed ds_configs/zero3.json --task_name rte --data_dir ../shared/data/glue
+    torchrun --nproc_per_node 2 launchers/train.py --deepspeed ds_configs/zero1.json --task_name mrpc
+The paper's RoBERTa-large recipe on 8 GPUs, and a model that needs ZeRO-3 with CPU offload:
+    deepspeed --num_gpus 8 launchers/train.py --deepspeed ds_configs/zero2.json --bf16 --model_name_or_path FacebookAI/roberta-large \
+        --task_name mnli --max_seq_length 128 --per_device_train_batch_size 8 --learning_rate 3e-4 --num_train_epochs 20
+    deepspeed --num_gpus 8 launchers/train.py --deepspeed ds_configs/zero3_offload.json --bf16 --model_name_or_path microsoft/deberta-v2-xxlarge ...
+Several nodes: deepspeed --hostfile hostfile launchers/train.py ...; one process without a launcher: python launchers/train.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import time
+
+# CPU ranks share a few cores with each other and with whatever else runs. OpenMP threads that spin while
+# they wait make a contended core several times slower; waiting passively costs little on free cores.
+# (Read by OpenMP when torch loads, so it is set before the first import of torch.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from adamix_ds import ExpertStepGuard, adamix_loss, add_adamix, count_parameters, load_adapter
+from adamix_ds.data import load_task, make_collator
+from adamix_ds.optim import adamw_param_groups
+from adamix_ds.training import (
+    DeepSpeedOptimizerAccess,
+    TrainerState,
+    TrainSchedule,
+    adamix_config,
+    build_ds_config,
+    check_resumable,
+    configure_threads,
+    directory_bytes,
+    dist_env,
+    evaluate_splits,
+    find_checkpoint,
+    init_distributed,
+    load_checkpoint,
+    parse_args,
+    release_shared_memory,
+    resolve_data_dir,
+    resolve_model_path,
+    save_checkpoint,
+    save_model,
+    setup_logging,
+    step_seed,
+    train_loader,
+    trainable_shapes,
+    usage_errors,
+    zero_stage,
+)
+from adamix_ds.training.arguments import DEMO_PRESET, to_dict
+from adamix_ds.training.checkpoint import CHECKPOINTS
+from adamix_ds.training.preemption import PreemptionSignal, request_requeue
+from adamix_ds.training.runtime import logger
+
+
+def main(argv: list[str] | None = None) -> None:
+    env = dist_env()
+    setup_logging(env)
+    configure_threads(env)
+
+    # -- Setup. Every input is checked here; bad input ends with one line and exit code 2, and nothing
+    # is written to output_dir before this block has passed.
+    with usage_errors(env):
+        run = parse_args(argv)
+        args, output_dir = run.training, run.output_dir
+        if run.demo:
+            logger.info(
+                "no --model_name_or_path or --task_name: the CPU demo run (%s)", ", ".join(f"{k}={v}" for k, v in DEMO_PRESET.items())
+            )
+        model_path = resolve_model_path(run.model.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(run.model.tokenizer_name or model_path)
+        data_dir = resolve_data_dir(run.data.task_name, run.data.data_dir)
+        logger.info("data: %s from %s", run.data.task_name, data_dir or "the Hugging Face Hub")
+        data = load_task(
+            run.data.task_name,
+            tokenizer,
+            max_seq_length=run.data.max_seq_length,
+            data_dir=data_dir,
+            max_train_samples=run.data.max_train_samples,
+            max_eval_samples=run.data.max_eval_samples,
+        )
+        schedule = TrainSchedule.build(
+            len(data.train),
+            env.world_size,
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
+            args.num_train_epochs,
+            args.max_steps,
+            args.warmup_ratio,
+            args.warmup_steps,
+        )
+        ds_config = build_ds_config(args.deepspeed, args, env.world_size, schedule, job_name=output_dir.name)
+        torch.manual_seed(args.seed)  # the same head and expert initialisation on every rank
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=data.num_labels)
+        backbone_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        config = adamix_config(run)
+        if config is not None:
+            add_adamix(model, config)
+        if run.model.adapter_name_or_path is not None:
+            if config is None:
+                raise ValueError(f"adapter_name_or_path={run.model.adapter_name_or_path} needs an adapter method, not --method full")
+            load_adapter(model, run.model.adapter_name_or_path)
+        parameters = count_parameters(model) if config is not None else {"trainable": sum(p.numel() for p in model.parameters())}
+        # What decides data order and routing: a checkpoint written under another layout cannot continue exactly.
+        layout = {
+            "world_size": env.world_size,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "train_samples": len(data.train),
+            "seed": args.seed,
+            "total_steps": schedule.total_steps,
+        }
+        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+        state = TrainerState(layout=layout, trainable=trainable_shapes(model))
+        if checkpoint is not None:
+            state = TrainerState.load(checkpoint)
+            check_resumable(checkpoint, state, layout, trainable_shapes(model))
+
+    # -- DeepSpeed: the engine owns the optimizer and schedule of the config; the guard gives experts that
+    # no pass routed to since the last step the reference code's semantics (neither moved nor decayed).
+    init_distributed(env)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=adamw_param_groups(model, args.weight_decay), config=ds_config
+    )
+    guard = ExpertStepGuard(engine.module, DeepSpeedOptimizerAccess(engine))
+    preemption = PreemptionSignal(engine.device)  # Slurm's SIGUSR1 before the time limit (launchers/slurm/)
+    if checkpoint is not None:
+        load_checkpoint(engine, checkpoint)
+        logger.info("resumed from %s at step %d", checkpoint, state.global_step)
+    elif args.overwrite_output_dir and env.is_main:
+        shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)  # never resume into a previous run's checkpoints
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_config.json").write_text(json.dumps({"arguments": to_dict(run), "deepspeed": ds_config}, indent=2) + "\n")
+    logger.info(
+        "%d training examples, %d rank(s), %d steps of %d examples (%d epochs), %d warmup; parameters %s",
+        len(data.train),
+        env.world_size,
+        schedule.total_steps,
+        ds_config["train_batch_size"],
+        schedule.num_epochs,
+        schedule.warmup_steps,
+        parameters,
+    )
+
+    collator = make_collator(tokenizer)
+    loader = train_loader(data.train, collator, args.per_device_train_batch_size, env, args.seed)
+    best_key = "eval_" + (args.metric_for_best_model or data.spec.metric_names[0]).removeprefix("eval_")
+    best_dir = output_dir / ("best_model" if config is None else "best_adapter")
+    accumulation = args.gradient_accumulation_steps
+
+    def log_events(metrics: dict[str, float], step: int) -> None:
+        if engine.monitor.enabled:
+            engine.monitor.write_events([(name.replace("_", "/", 1), value, step) for name, value in metrics.items()])
+
+    def evaluate_and_keep_best(step: int) -> dict[str, float]:
+        metrics = evaluate_splits(engine, data, collator, args.per_device_eval_batch_size, env)
+        log_events(metrics, step)
+        logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if state.best_metric is None or metrics[best_key] > state.best_metric:
+            state.best_metric, state.best_step, state.best_metrics = metrics[best_key], step, metrics
+            save_model(engine, best_dir, merged=True, tokenizer=tokenizer)
+        return metrics
+
+    # -- Training: a step is `accumulation` micro-batches, each one or two routed passes (consistency loss).
+    step = start_step = saved_step = state.global_step
+    epoch, skip = schedule.position(step)
+    metrics: dict[str, float] = {}
+    stop = False  # set on every rank at once when any rank got the preemption signal
+    window = torch.zeros(3)  # task loss, consistency loss, micro-batches since the last log line
+    window_start = train_start = time.perf_counter()
+    engine.train()
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=schedule.total_steps, initial=step, disable=not env.is_main, desc="train", dynamic_ncols=True) as bar,
+    ):
+        while step < schedule.total_steps:
+            loader.sampler.set_position(epoch, skip * args.per_device_train_batch_size)
+            for micro, batch in enumerate(itertools.islice(loader, schedule.steps_per_epoch * accumulation - skip)):
+                if micro % accumulation == 0:
+                    torch.manual_seed(step_seed(args.seed, env.rank, step))  # dropout: a function of the step
+                batch = {key: value.to(engine.device) for key, value in batch.items()}
+                out = adamix_loss(engine, batch, run.adamix.consistency_weight)
+                engine.backward(out.loss)
+                window += torch.tensor([out.task_loss.item(), out.consistency_loss.item(), 1.0])
+                if not engine.is_gradient_accumulation_boundary():
+                    engine.step()  # DeepSpeed only counts the micro-step here
+                    continue
+                guard.step(engine.step)
+                step += 1
+                state.global_step = step
+                bar.update(1)
+                if step % args.logging_steps == 0 or step == schedule.total_steps:
+                    dist.all_reduce(window)
+                    elapsed = time.perf_counter() - window_start
+                    task_loss, consistency, count = window.tolist()
+                    logs = {
+                        "train_loss": (task_loss + run.adamix.consistency_weight * consistency) / count,
+                        "train_task_loss": task_loss / count,
+                        "train_consistency_loss": consistency / count,
+                        "train_learning_rate": scheduler.get_last_lr()[0],
+                        "train_samples_per_second": count * args.per_device_train_batch_size / elapsed,
+                    }
+                    log_events(logs, step)
+                    bar.set_postfix(loss=f"{logs['train_loss']:.4f}", lr=f"{logs['train_learning_rate']:.2e}")
+                    window.zero_()
+                    window_start = time.perf_counter()
+                evaluated = (args.eval_strategy == "steps" and step % args.eval_steps == 0) or (
+                    args.eval_strategy == "epoch" and step % schedule.steps_per_epoch == 0
+                )
+                if evaluated:
+                    metrics = {**evaluate_and_keep_best(step), "step": step}
+                if (args.save_steps is None and evaluated) or (args.save_steps is not None and step % args.save_steps == 0):
+                    saved = save_checkpoint(engine, output_dir, state, args.save_total_limit)
+                    saved_step = step
+                    logger.info("saved %s (%.2f MB)", saved, directory_bytes(saved) / 1e6)
+                stop = preemption.requested()
+                if step == schedule.total_steps or stop:
+                    break
+            if stop:
+                break
+            epoch, skip = epoch + 1, 0
+    train_runtime = time.perf_counter() - train_start
+
+    if stop:  # checkpoint and leave; the requeued job resumes from output_dir
+        if saved_step != step:
+            save_checkpoint(engine, output_dir, state, args.save_total_limit)
+        if env.is_main:
+            request_requeue()
+        logger.info("stopped at step %d on the preemption signal; the next start resumes from %s", step, output_dir / CHECKPOINTS)
+        dist.barrier()
+        release_shared_memory(env)
+        return
+
+    # -- The end: evaluate the merged model, keep a resumable checkpoint, save merged adapter and experts.
+    if metrics.get("step") != step:
+        metrics = {**evaluate_and_keep_best(step), "step": step}
+    if saved_step != step:
+        save_checkpoint(engine, output_dir, state, args.save_total_limit)
+    checkpoint_dir = output_dir / CHECKPOINTS / f"step-{step}"
+    if config is None:
+        save_model(engine, output_dir / "model", merged=True, tokenizer=tokenizer)
+    else:
+        save_model(engine, output_dir / "adapter", merged=True)
+        save_model(engine, output_dir / "experts", merged=False)
+    trained_samples = (step - start_step) * ds_config["train_batch_size"]
+    summary = {
+        "final": {**metrics, "epoch": step / schedule.steps_per_epoch},
+        "best": {**state.best_metrics, "step": state.best_step},
+        "train_runtime": train_runtime,
+        "train_samples": trained_samples,
+        "train_samples_per_second": trained_samples / train_runtime if train_runtime > 0 else 0.0,
+        "train_steps_per_second": (step - start_step) / train_runtime if train_runtime > 0 else 0.0,
+        "resumed_from_step": start_step,
+        "total_steps": schedule.total_steps,
+        "world_size": env.world_size,
+        "zero_stage": zero_stage(ds_config),
+        "parameters": parameters,
+        "checkpoint_bytes": directory_bytes(checkpoint_dir),
+        "backbone_bytes": backbone_bytes,
+    }
+    if env.is_main:
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(
+            "done in %.0f s: %s=%.4f (best %.4f at step %s); checkpoint %.2f MB next to a %.1f MB backbone; results in %s",
+            train_runtime,
+            best_key,
+            metrics[best_key],
+            state.best_metric,
+            state.best_step,
+            summary["checkpoint_bytes"] / 1e6,
+            backbone_bytes / 1e6,
+            output_dir,
+        )
+    dist.barrier()
+    release_shared_memory(env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The benchmark scripts run (fast mode) and keep their promises; the closed-form FLOP model is exact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx.experimental._config as fx_config
+from conftest import REPO_ROOT, subprocess_env
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+from adamix_ds import AdaMixConfig, adamix_loss, add_adamix
+from adamix_ds.flops import estimate_flops
+
+BENCHMARKS = REPO_ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from run_all import assemble, kernel_section  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), *args],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert completed.returncode == 0, f"{name}.py failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}"
+    return completed
+
+
+def test_flops_fast_proves_single_adapter_cost_with_agreeing_counters(tmp_path: Path) -> None:
+    run_script("flops", "--fast", "--out-dir", str(tmp_path), "--plot-dir", str(tmp_path))
+    results = json.loads((tmp_path / "flops.json").read_text())
+    assert results["failures"] == []
+    rows = results["rows"]
+    assert {r["model"] for r in rows} == {"single", "1", "4"}
+    for row in rows:
+        single = next(r for r in rows if r["model"] == "single" and r["adapter_type"] == row["adapter_type"])
+        assert row["routed_step"] == single["routed_step"]
+        assert row["merged_forward"] == single["merged_forward"]
+        assert row["ds_merged_forward"] == pytest.approx(row["closed_forward"], rel=1e-9)
+        if row["model"] != "single":
+            assert row["consistency_step"] == 2 * row["routed_step"]
+    assert results["kernel"][0]["fused_input_grad_True"] == results["kernel"][0]["eager_input_grad_True"]
+    assert (tmp_path / "flops_vs_experts.png").stat().st_size > 0
+    assert "All checks passed" in (tmp_path / "flops.md").read_text()
+
+
+def test_throughput_fast_measures_every_method(tmp_path: Path) -> None:
+    completed = run_script("throughput", "--fast", "--out-dir", str(tmp_path), "--plot-dir", str(tmp_path))
+    assert "device: " in completed.stdout  # the script names the device it measured on
+    results = json.loads((tmp_path / "throughput.json").read_text())
+    methods = results["methods"]
+    assert set(methods) == {"adamix", "adamix+consistency", "adapter", "lora", "full"}
+    for method in methods.values():
+        assert method["step_seconds"] > 0 and method["peak_memory_bytes"] > 0
+    # Matched sizes: LoRA within 5% of the single adapter; AdaMix trains M down projections.
+    assert methods["lora"]["trainable_without_head"] == pytest.approx(methods["adapter"]["trainable_without_head"], rel=0.05)
+    assert methods["adamix"]["trainable"] > methods["adapter"]["trainable"]
+    assert set(results["inference"]) == {"merged", "adapter", "ensemble"}
+    assert len(results["targets"]) == 5
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def _check_zero(results: dict, world_size: int) -> None:
+    assert results["failures"] == []
+    rows = [r for r in results["measured"] if r["world_size"] == world_size]
+    assert sorted({r["stage"] for r in rows}) == [0, 1, 2, 3]
+    assert len(rows) == 4 * world_size
+    for row in rows:
+        assert row["measured_total"] == pytest.approx(row["estimate"]["total"], rel=0.02)
+        if row["deepspeed_estimate"] is not None:  # DeepSpeed's estimator assumes a trained backbone
+            assert row["deepspeed_estimate"] > 3 * row["measured_total"]
+    stages = {r["stage"]: r for r in rows if r["rank"] == 0}
+    assert stages[3]["parameters"] < stages[0]["parameters"] / world_size * 1.05
+    assert [r["gpus"] for r in results["deberta"][:3]] == [8, 16, 64]
+
+
+def test_zero_memory_fast_one_rank(tmp_path: Path) -> None:
+    run_script("zero_memory", "--fast", "--out-dir", str(tmp_path))
+    _check_zero(json.loads((tmp_path / "zero_memory.json").read_text()), world_size=1)
+
+
+@pytest.mark.slow
+def test_zero_memory_two_ranks_partition_states(tmp_path: Path) -> None:
+    run_script("zero_memory", "--world-sizes", "2", "--out-dir", str(tmp_path))
+    results = json.loads((tmp_path / "zero_memory.json").read_text())
+    _check_zero(results, world_size=2)
+    stage = {r["stage"]: r for r in results["measured"] if r["rank"] == 1}
+    assert stage[1]["optimizer_state"] == pytest.approx(stage[0]["optimizer_state"] / 2, rel=0.01)
+
+
+def test_run_all_keeps_the_kernel_section() -> None:
+    previous = "# Benchmark results\n\n## FLOPs\nold\n\n## Fused adapter kernel\n\nkernel table\n\n### Floors\nrows\n\n## Later\nx\n"
+    kernel = kernel_section(previous)
+    assert kernel == "## Fused adapter kernel\n\nkernel table\n\n### Floors\nrows"
+    assert kernel_section("# Benchmark results\n\n## FLOPs\n") is None
+    environment = {
+        "date": "today",
+        "cpu": "cpu",
+        "cpu_cores": 2,
+        "torch_threads": 2,
+        "memory_gb": 1,
+        "gpu": None,
+        **dict.fromkeys(("python", "torch", "deepspeed", "transformers", "peft"), "1"),
+    }
+    text = assemble(environment, {"flops": 1.0}, ["## FLOPs\nnew\n"], kernel)
+    assert text.index("## FLOPs\nnew") < text.index("## Fused adapter kernel") and "old" not in text
+    assert kernel_section(text) == kernel
+
+
+def _tiny(model_type: str):
+    """A 2-layer model of ``model_type`` on the meta device; DeBERTa with its relative attention and conv layer on."""
+    if model_type == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=128)
+    else:
+        extra = {}
+        if model_type == "deberta-v2":
+            extra = dict(relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"], share_att_key=True, conv_kernel_size=3)
+        config = AutoConfig.for_model(
+            model_type,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=128,
+            num_labels=3,
+            **extra,
+        )
+    config.pad_token_id = None
+    with torch.device("meta"):
+        if model_type == "gpt2":
+            return GPT2LMHeadModel._from_config(config, attn_implementation="eager")
+        return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "deberta-v2", "gpt2"])
+@pytest.mark.parametrize("adapter_type", ["bottleneck", "lora"])
+def test_closed_form_flops_equal_flop_counter_mode(model_type: str, adapter_type: str) -> None:
+    model = _tiny(model_type)
+    config = AdaMixConfig(adapter_type=adapter_type, bottleneck_dim=4, num_experts=3)
+    add_adamix(model, config)
+    batch_size, seq_len = 2, 10
+    inputs = {
+        "input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta"),
+        "position_ids": torch.arange(seq_len, device="meta").expand(batch_size, seq_len),
+    }
+    labels = inputs["input_ids"] if model_type == "gpt2" else inputs["input_ids"][:, 0]
+    counts = {}
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        for key, run in (
+            ("routed_step", lambda: model(**inputs, labels=labels).loss.backward()),
+            ("consistency_step", lambda: adamix_loss(model, {**inputs, "labels": labels}, 1.0).loss.backward()),
+        ):
+            with FlopCounterMode(display=False) as counter:
+                run()
+            counts[key] = counter.get_total_flops()
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    estimate = estimate_flops(model.config, config, batch_size, seq_len)
+    tokens = batch_size * seq_len
+    assert counter.get_total_flops() == pytest.approx(estimate.forward * tokens, rel=1e-12)
+    assert counts["routed_step"] == pytest.approx(estimate.routed_step * tokens, rel=1e-12)
+    assert counts["consistency_step"] == pytest.approx(estimate.consistency_step * tokens, rel=1e-12)

@@ -1,0 +1,301 @@
+"""The launcher's command line, DeepSpeed config builder, step plan and input checks, in one process.
+
+Bad input is run through ``launchers/train.py``'s ``main`` itself: exit code 2, one line that names the
+value, and nothing written to ``output_dir`` (an earlier run's folder is left as it was).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+from conftest import REPO_ROOT, SHARED_DATA
+
+from adamix_ds.training import TrainSchedule, build_ds_config, parse_args, step_seed
+from adamix_ds.training.arguments import DEFAULT_MODEL, DEMO_PRESET
+from adamix_ds.training.data import ResumableSampler
+from adamix_ds.training.runtime import DistEnv
+
+STAGE_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
+TINY = [
+    "--task_name",
+    "sst2",
+    "--max_train_samples",
+    "16",
+    "--max_eval_samples",
+    "8",
+    "--max_seq_length",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+]
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("adamix_train_launcher", REPO_ROOT / "launchers" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    return _launcher()
+
+
+def _schedule(**overrides) -> TrainSchedule:
+    values = dict(
+        num_samples=100,
+        world_size=2,
+        micro_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=3.0,
+        max_steps=-1,
+        warmup_ratio=0.06,
+        warmup_steps=0,
+    )
+    return TrainSchedule.build(**{**values, **overrides})
+
+
+# -- arguments ------------------------------------------------------------------------------------------
+
+
+def test_help_lists_the_four_groups_with_run_glue_names(launcher, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        launcher.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for group in ("model:", "data:", "adamix:", "training:"):
+        assert group in text
+    run_glue = (
+        "--model_name_or_path --task_name --data_dir --max_seq_length --per_device_train_batch_size --gradient_accumulation_steps "
+        "--learning_rate --num_train_epochs --max_steps --warmup_ratio --weight_decay --seed --output_dir --max_train_samples "
+        "--max_eval_samples --eval_steps --deepspeed --bf16 --fp16 --resume_from_checkpoint"
+    )
+    adamix = "--method --num_experts --bottleneck_dim --share_up --share_down --consistency_weight --eval_mode"
+    for flag in (run_glue + " " + adamix).split():
+        assert flag in text
+
+
+def test_default_run_is_the_minilm_sst2_demo():
+    run = parse_args([])
+    assert run.demo and run.model.model_name_or_path == DEFAULT_MODEL and run.data.task_name == "sst2"
+    assert run.data.max_train_samples == DEMO_PRESET["max_train_samples"]
+    assert run.training.deepspeed == str(REPO_ROOT / "ds_configs" / "zero2.json")
+    # Naming a model or a task means a real run: no preset trims it, and a given flag always wins.
+    real = parse_args(["--task_name", "rte"])
+    assert not real.demo and real.data.max_train_samples is None and real.data.max_seq_length == 128
+    assert parse_args(["--max_seq_length", "48"]).data.max_seq_length == 48
+
+
+def test_methods_set_their_defaults_and_refuse_contradictions():
+    adamix = parse_args(["--task_name", "rte"]).adamix
+    assert (adamix.num_experts, adamix.consistency_weight) == (4, 1.0)
+    for method in ("adapter", "lora"):
+        single = parse_args(["--task_name", "rte", "--method", method]).adamix
+        assert (single.num_experts, single.consistency_weight) == (1, 0.0)
+    with pytest.raises(ValueError, match="num_experts=4 contradicts --method adapter"):
+        parse_args(["--task_name", "rte", "--method", "adapter", "--num_experts", "4"])
+    run = parse_args(["--task_name", "rte", "--eval_steps", "5"])
+    assert run.training.eval_strategy == "steps"
+
+
+# -- DeepSpeed config -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", STAGE_CONFIGS)
+def test_shipped_configs_take_every_run_value_from_the_flags(name, tmp_path):
+    run = parse_args(
+        ["--task_name", "rte", "--bf16", "--learning_rate", "3e-4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path)]
+    )
+    config = build_ds_config(REPO_ROOT / "ds_configs" / f"{name}.json", run.training, 4, _schedule(max_steps=50), "job")
+    assert (
+        config["train_micro_batch_size_per_gpu"] == 32 and config["gradient_accumulation_steps"] == 2 and config["train_batch_size"] == 256
+    )
+    assert config["optimizer"]["params"]["lr"] == 3e-4 and config["scheduler"]["params"]["total_num_steps"] == 50
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 3
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert config["tensorboard"]["output_path"] == str(tmp_path / "runs")
+    assert config["zero_optimization"]["stage"] == int(name[4])
+    if name == "zero3_offload":
+        assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def _config_file(tmp_path, **changes):
+    config = json.loads((REPO_ROOT / "ds_configs" / "zero2.json").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        section[leaf] = value
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"optimizer__params__lr": 1e-3}, "optimizer.params.lr=0.001 contradicts --learning_rate"),
+        ({"train_micro_batch_size_per_gpu": 8}, "train_micro_batch_size_per_gpu=8 contradicts --per_device_train_batch_size"),
+        ({"bf16__enabled": True}, "bf16.enabled=true contradicts --bf16"),
+        ({"train_batch_size": 30}, "train_batch_size=30 does not divide"),
+        ({"train_batch_size": 128}, "train_batch_size=128 means gradient_accumulation_steps=2"),
+        ({"scheduler__type": "WarmupCosineLR"}, "scheduler type 'WarmupCosineLR' is not supported"),
+        ({"zero_optimization__stage": 5}, "DeepSpeed rejects the config"),
+        ({"zero_optimization__bogus": 1}, "DeepSpeed rejects the config"),
+        ({"steps_per_print": "auto"}, 'steps_per_print="auto" has no flag'),
+    ],
+)
+def test_a_contradiction_between_file_and_flags_is_an_error(tmp_path, changes, message):
+    run = parse_args(["--task_name", "rte", "--per_device_train_batch_size", "32"])
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        build_ds_config(_config_file(tmp_path, **changes), run.training, 2, _schedule(), "job")
+
+
+def test_a_file_value_that_agrees_with_the_flags_is_kept(tmp_path):
+    run = parse_args(["--task_name", "rte", "--per_device_train_batch_size", "32"])
+    config = build_ds_config(_config_file(tmp_path, train_batch_size=64, optimizer__params__lr=4e-4), run.training, 2, _schedule(), "job")
+    assert config["train_batch_size"] == 64 and config["optimizer"]["params"]["lr"] == 4e-4
+
+
+# -- step plan and data order ---------------------------------------------------------------------------
+
+
+def test_schedule_counts_steps_like_run_glue():
+    plan = _schedule()  # 100 samples on 2 ranks: 50 each, 13 micro-batches of 4, 6 steps of 2 per epoch
+    assert (plan.micro_batches_per_epoch, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps, plan.num_epochs) == (13, 6, 18, 2, 3)
+    assert plan.position(8) == (1, 4)
+    assert _schedule(max_steps=7, warmup_steps=3).total_steps == 7 and _schedule(max_steps=7, warmup_steps=3).warmup_steps == 3
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=20 is larger than the 13 micro-batches"):
+        _schedule(gradient_accumulation_steps=20)
+
+
+def test_sampler_resumes_mid_epoch_in_the_same_order():
+    env = DistEnv(rank=1, local_rank=1, world_size=2, local_world_size=2)
+    sampler = ResumableSampler(37, env, seed=3)
+    sampler.set_position(epoch=2, skip_samples=0)
+    full = list(sampler)
+    sampler.set_position(epoch=2, skip_samples=8)
+    assert list(sampler) == full[8:] and len(sampler) == len(full) - 8
+    sampler.set_position(epoch=3, skip_samples=0)
+    assert list(sampler) != full
+
+
+def test_dropout_seed_is_a_function_of_seed_rank_and_step():
+    assert step_seed(1, 0, 5) == step_seed(1, 0, 5)
+    assert len({step_seed(1, r, s) for r in range(2) for s in range(50)}) == 100
+
+
+# -- bad input: exit 2, one line naming the value, nothing written ---------------------------------------
+
+
+def _glue_copy(tmp_path, train_rows: int = 40, bad_row: bool = False, drop_dev: bool = False):
+    """A small SST-2 folder cut from the shared GLUE files, optionally broken."""
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    lines = (SHARED_DATA / "glue" / "SST-2" / "train.tsv").read_text().splitlines()[: train_rows + 1]
+    if bad_row:
+        lines.append("a fine film\tpositive")
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    if not drop_dev:
+        shutil.copy(SHARED_DATA / "glue" / "SST-2" / "dev.tsv", folder / "dev.tsv")
+    return folder.parent
+
+
+def _foreign_adapter(tmp_path):
+    """An AdaMix adapter trained on another architecture (a hidden-32 BERT), saved by this library."""
+    from tiny_models import tiny_classifier
+
+    from adamix_ds import AdaMixConfig, add_adamix, save_adapter
+
+    model = add_adamix(tiny_classifier("bert"), AdaMixConfig(bottleneck_dim=16, num_experts=4))
+    save_adapter(model, tmp_path / "foreign_adapter")
+    return tmp_path / "foreign_adapter"
+
+
+BAD_INPUTS = {
+    "unknown task": (lambda tmp: ["--task_name", "sst3"], "'sst3'"),
+    "unknown flag": (lambda tmp: ["--learning_rat", "1e-3"], "unrecognized arguments: --learning_rat 1e-3"),
+    "missing data folder": (lambda tmp: ["--data_dir", str(tmp / "nowhere")], "nowhere"),
+    "missing data file": (lambda tmp: ["--data_dir", str(_glue_copy(tmp, drop_dev=True))], "dev.tsv"),
+    "malformed data file": (lambda tmp: ["--data_dir", str(_glue_copy(tmp, bad_row=True))], "bad label 'positive'"),
+    "malformed ds config": (
+        lambda tmp: ["--deepspeed", str(_write(tmp / "ds.json", '{"zero_optimization": {"stage": 2}'))],
+        "not valid JSON",
+    ),
+    "ds config rejected by DeepSpeed": (
+        lambda tmp: ["--deepspeed", str(_write(tmp / "ds.json", '{"zero_optimization": {"stage": 7}}'))],
+        "stage",
+    ),
+    "batch sizes that don't divide": (
+        lambda tmp: ["--deepspeed", str(_write(tmp / "ds.json", '{"train_batch_size": 30}'))],
+        "train_batch_size=30",
+    ),
+    "accumulation beyond the data": (lambda tmp: ["--gradient_accumulation_steps", "64"], "gradient_accumulation_steps=64"),
+    "num_experts < 1": (lambda tmp: ["--num_experts", "0"], "num_experts=0"),
+    "bottleneck larger than hidden": (lambda tmp: ["--bottleneck_dim", "1000"], "bottleneck_dim=1000"),
+    "adapter from another architecture": (lambda tmp: ["--adapter_name_or_path", str(_foreign_adapter(tmp))], "foreign_adapter"),
+    "non-positive batch size": (lambda tmp: ["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0"),
+    "unknown best metric": (lambda tmp: ["--metric_for_best_model", "f1"], "metric_for_best_model='f1'"),
+    "missing checkpoint": (lambda tmp: ["--resume_from_checkpoint", str(tmp / "no_ckpt")], "no_ckpt"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _run_bad(launcher, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        launcher.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()  # log lines on rank 0 come before it
+    assert lines[-1].startswith("train.py: error: ") and sum("error" in line.lower() for line in lines) == 1, lines
+    return lines[-1]
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(launcher, tmp_path, capsys, case):
+    make_args, expected = BAD_INPUTS[case]
+    output_dir = tmp_path / "out"
+    line = _run_bad(launcher, [*TINY, "--output_dir", str(output_dir), *make_args(tmp_path)], capsys)
+    assert expected in line
+    assert not output_dir.exists()
+
+
+def test_bad_input_leaves_an_earlier_run_untouched(launcher, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    (output_dir / "checkpoints").mkdir(parents=True)
+    (output_dir / "checkpoints" / "latest").write_text("step-3\n")
+    (output_dir / "metrics.json").write_text("{}")
+    before = {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file()}
+    _run_bad(launcher, [*TINY, "--output_dir", str(output_dir), "--num_experts", "0"], capsys)
+    _run_bad(launcher, [*TINY, "--output_dir", str(output_dir), "--overwrite_output_dir", "--bottleneck_dim", "999"], capsys)
+    assert {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_non_empty_output_dir_without_checkpoint_needs_overwrite(launcher, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    line = _run_bad(launcher, [*TINY, "--output_dir", str(output_dir)], capsys)
+    assert "--overwrite_output_dir" in line and (output_dir / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in output_dir.iterdir()) == ["notes.txt"]
+
+
+def test_evaluation_splits_are_named_like_run_glue(monkeypatch):
+    from adamix_ds.data import GLUE_TASKS, TaskData
+    from adamix_ds.training import data as training_data
+
+    monkeypatch.setattr(training_data, "evaluate", lambda *args: {"accuracy": 0.5, "loss": 0.7})
+    splits = {name: None for name in ("validation", "validation_mismatched", "test", "test_mismatched")}
+    metrics = training_data.evaluate_splits(None, TaskData(train=None, eval=splits, spec=GLUE_TASKS["mnli"]), None, 8, None)
+    assert set(metrics) == {
+        "eval_accuracy", "eval_loss", "eval_accuracy_mm", "eval_loss_mm", "test_accuracy", "test_loss", "test_accuracy_mm", "test_loss_mm"
+    }  # fmt: skip

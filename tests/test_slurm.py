@@ -1,0 +1,61 @@
+"""The Slurm batch script on a real one-node cluster: it trains on 2 ranks, and on the warning signal
+before the time limit it checkpoints, requeues itself and resumes to the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+import pytest
+
+from conftest import REPO_ROOT, SHARED_DATA, subprocess_env
+from slurm_cluster import LocalSlurm
+
+TOTAL_STEPS = 30
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    if os.geteuid() != 0 or shutil.which("slurmctld") is None:
+        pytest.fail("needs root and Slurm (slurmd, slurmctld, slurm-client, munge); `make test` installs them")
+    slurm = LocalSlurm(tmp_path / "slurm")
+    slurm.start()
+    yield slurm
+    slurm.stop()
+
+
+@pytest.mark.slow
+def test_sbatch_trains_checkpoints_on_sigusr1_requeues_and_resumes(cluster, tmp_path):
+    output_dir = tmp_path / "run"
+    log = tmp_path / "job.out"
+    train_args = [
+        "--task_name", "sst2", "--data_dir", str(SHARED_DATA / "glue" / "SST-2"),
+        "--max_train_samples", "480", "--max_eval_samples", "64", "--max_seq_length", "32",
+        "--per_device_train_batch_size", "8", "--max_steps", str(TOTAL_STEPS), "--logging_steps", "1",
+        "--eval_steps", "1000", "--output_dir", str(output_dir),
+    ]
+    env = {**subprocess_env(), "PROCS_PER_NODE": "2", "PYTHON": sys.executable, "DS_CONFIG": "ds_configs/zero2.json"}
+    job = cluster.submit(REPO_ROOT / "launchers" / "slurm" / "train.sbatch", train_args, ["--output", str(log)], cwd=REPO_ROOT, extra_env=env)
+
+    # Signal once training is under way, as Slurm does shortly before the time limit.
+    deadline = time.time() + 300
+    progress = re.compile(rf"\b([1-9]\d*)/{TOTAL_STEPS}\b")
+    while not (log.exists() and progress.search(log.read_text(errors="replace"))):
+        assert time.time() < deadline, f"no training progress in the job log:\n{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
+        assert cluster.job_field(job, "JobState") in {"PENDING", "RUNNING"}, log.read_text(errors="replace")[-3000:]
+        time.sleep(1)
+    cluster.signal_steps(job, "USR1")
+
+    state = cluster.wait(job, timeout=600)
+    text = log.read_text(errors="replace")
+    assert state == "COMPLETED", text[-4000:]
+    assert cluster.job_field(job, "Restarts") == "1", text[-4000:]
+    assert "requeueing job" in text and "resumed from" in text, text[-4000:]
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert 0 < metrics["resumed_from_step"] < TOTAL_STEPS
+    assert metrics["world_size"] == 2 and metrics["final"]["step"] == TOTAL_STEPS
+    assert (output_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 0
