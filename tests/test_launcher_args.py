@@ -13,7 +13,7 @@ import shutil
 import pytest
 from conftest import REPO_ROOT, SHARED_DATA
 
-from adamix_ds.training import TrainSchedule, build_ds_config, parse_args, step_seed
+from adamix_ds.training import TrainSchedule, adamix_config, build_ds_config, parse_args, step_seed
 from adamix_ds.training.arguments import DEFAULT_MODEL, DEMO_PRESET
 from adamix_ds.training.data import ResumableSampler
 from adamix_ds.training.runtime import DistEnv
@@ -98,6 +98,11 @@ def test_methods_set_their_defaults_and_refuse_contradictions():
         assert (single.num_experts, single.consistency_weight) == (1, 0.0)
     with pytest.raises(ValueError, match="num_experts=4 contradicts --method adapter"):
         parse_args(["--task_name", "rte", "--method", "adapter", "--num_experts", "4"])
+    assert adamix_config(parse_args(["--task_name", "rte", "--method", "lora"])).adapter_type == "lora"
+    mixture_of_lora = adamix_config(parse_args(["--task_name", "rte", "--adapter_type", "lora", "--lora_alpha", "16"]))
+    assert (mixture_of_lora.adapter_type, mixture_of_lora.num_experts, mixture_of_lora.lora_alpha) == ("lora", 4, 16.0)
+    with pytest.raises(ValueError, match="adapter_type=lora contradicts --method adapter"):
+        parse_args(["--task_name", "rte", "--method", "adapter", "--adapter_type", "lora"])
     run = parse_args(["--task_name", "rte", "--eval_steps", "5"])
     assert run.training.eval_strategy == "steps"
 

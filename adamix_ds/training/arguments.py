@@ -80,7 +80,12 @@ class AdaMixArguments:
         default="adamix",
         metadata={"help": "adamix: mixture of adapters; adapter: one bottleneck adapter; lora: one LoRA; full: fine-tune everything."},
     )
+    adapter_type: Literal["bottleneck", "lora"] | None = field(
+        default=None,
+        metadata={"help": "What --method adamix mixes: bottleneck adapters on the FFN output (default) or LoRA on query/value (AdaMix-LoRA)."},
+    )
     num_experts: int | None = field(default=None, metadata={"help": "Experts per projection (default 4 for adamix; 1 for adapter/lora)."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator: the update is scaled by lora_alpha / bottleneck_dim."})
     bottleneck_dim: int = field(default=16, metadata={"help": "Adapter bottleneck size (LoRA rank for --method lora)."})
     share_up: bool = field(default=True, metadata={"help": "One shared up projection for all experts (the paper's setting)."})
     share_down: bool = field(default=False, metadata={"help": "One shared down projection for all experts."})
@@ -206,6 +211,10 @@ def _apply_defaults(run: RunArguments) -> None:
         # contradiction, not something to override silently.
         if single and value is not None and value != (1 if name == "num_experts" else 0):
             raise ValueError(f"{name}={value} contradicts --method {adamix.method} (a single adapter); use --method adamix")
+    implied = {"adapter": "bottleneck", "lora": "lora"}.get(adamix.method)
+    if implied is not None and adamix.adapter_type not in (None, implied):
+        raise ValueError(f"adapter_type={adamix.adapter_type} contradicts --method {adamix.method}; use --method adamix --adapter_type {adamix.adapter_type}")
+    adamix.adapter_type = implied or adamix.adapter_type or "bottleneck"
     if adamix.num_experts is None:
         adamix.num_experts = 1 if single else 4
     if adamix.consistency_weight is None:
@@ -268,8 +277,9 @@ def adamix_config(run: RunArguments) -> AdaMixConfig | None:
     if adamix.method == "full":
         return None
     return AdaMixConfig(
-        adapter_type="lora" if adamix.method == "lora" else "bottleneck",
+        adapter_type=adamix.adapter_type,
         bottleneck_dim=adamix.bottleneck_dim,
+        lora_alpha=adamix.lora_alpha,
         num_experts=adamix.num_experts,
         share_up=adamix.share_up,
         share_down=adamix.share_down,
