@@ -212,7 +212,8 @@ def measure_times(
             set_eval_mode(adamix.model, name)
             adamix.infer(batches[i % len(batches)])
 
-    infer_times = timed_rounds(list(INFERENCE), infer, inference_rounds, 3, 2, setup.device)
+    # One forward per method per round: the finest interleaving, so load changes hit all three alike.
+    infer_times = timed_rounds(list(INFERENCE), infer, inference_rounds, 1, 2, setup.device)
     return train_times, infer_times, {name: (t.trainable, t.trainable_without_head) for name, t in trainers.items()}
 
 
@@ -269,7 +270,7 @@ def run_throughput(
     rounds: int = 12,
     steps: int = 1,
     warmup: int = 2,
-    inference_rounds: int = 15,
+    inference_rounds: int = 30,
     memory_steps: int = 3,
     device: str | None = None,
     data_dir: Path = DATA_DIR,
@@ -287,7 +288,7 @@ def run_throughput(
         rounds: measured training rounds (every method once per round).
         steps: training steps per method per round.
         warmup: unmeasured steps per method first.
-        inference_rounds: measured inference rounds (3 forwards per method per round).
+        inference_rounds: measured inference rounds (one forward per method per round).
         memory_steps: training steps in each peak-memory process.
         device: cpu or cuda (default: cuda when available).
         data_dir: folder holding glue/SST-2/train.tsv.
@@ -338,7 +339,14 @@ def run_throughput(
     targets = _targets(methods, inference, device)
     results = {
         "environment": environment(),
-        "settings": {**setup.__dict__, "rounds": rounds, "steps": steps, "warmup": warmup, "lora_rank": lora_rank},
+        "settings": {
+            **setup.__dict__,
+            "rounds": rounds,
+            "steps": steps,
+            "warmup": warmup,
+            "inference_rounds": inference_rounds,
+            "lora_rank": lora_rank,
+        },
         "methods": methods,
         "inference": inference,
         "targets": targets,
@@ -435,7 +443,8 @@ def _markdown(results: dict[str, Any], plot: Path) -> str:
             ),
             "",
             'Inference latency, one batch forward, `torch.no_grad`: AdaMix merged (`eval_mode="merged"`, cached expert '
-            "average), the single adapter, and AdaMix's ensemble (every expert run, outputs averaged).",
+            "average), the single adapter, and AdaMix's ensemble (every expert run, outputs averaged); median of "
+            f"{settings['inference_rounds']} interleaved rounds of one forward each.",
             "",
             markdown_table(["model", "latency (ms)", "÷ adapter"], infer_rows),
             "",
