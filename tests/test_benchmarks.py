@@ -59,14 +59,14 @@ def test_throughput_fast_measures_every_method(tmp_path: Path) -> None:
     assert "device: " in completed.stdout  # the script names the device it measured on
     results = json.loads((tmp_path / "throughput.json").read_text())
     methods = results["methods"]
-    assert set(methods) == {"adamix", "adamix+consistency", "adapter", "lora", "full"}
+    assert set(methods) == {"adamix", "adamix+consistency", "adapter", "adapter-2x", "lora", "full"}
     for method in methods.values():
         assert method["step_seconds"] > 0 and method["peak_memory_bytes"] > 0
     # Matched sizes: LoRA within 5% of the single adapter; AdaMix trains M down projections.
     assert methods["lora"]["trainable_without_head"] == pytest.approx(methods["adapter"]["trainable_without_head"], rel=0.05)
     assert methods["adamix"]["trainable"] > methods["adapter"]["trainable"]
     assert set(results["inference"]) == {"merged", "adapter", "ensemble"}
-    assert len(results["targets"]) == 5
+    assert len(results["targets"]) == 6
     assert (tmp_path / "throughput.png").stat().st_size > 0
 
 
