@@ -74,8 +74,7 @@ class AdaMixLayer(nn.Module):
     # -- routing ----------------------------------------------------------------------------------
     def _draw(self, stream: Stream, count: int) -> tuple[int, int]:
         return tuple(
-            choose_expert(self.seed, stream, count, self.layer_id, projection, self.experts_in(projection))
-            for projection in Projection
+            choose_expert(self.seed, stream, count, self.layer_id, projection, self.experts_in(projection)) for projection in Projection
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -112,7 +111,7 @@ class AdaMixLayer(nn.Module):
             return self.adapt(x, base_out, weights, *routes[0])
         if x.shape[0] % self.passes:
             raise ValueError(f"batch of {x.shape[0]} rows cannot hold {self.passes} stacked passes: allowed a multiple of {self.passes}")
-        chunks = zip(x.chunk(self.passes), base_out.chunk(self.passes), routes)
+        chunks = zip(x.chunk(self.passes), base_out.chunk(self.passes), routes, strict=True)
         return torch.cat([self.adapt(x_p, out_p, weights, down, up) for x_p, out_p, (down, up) in chunks])
 
     def reset_routed(self) -> None:

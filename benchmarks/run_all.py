@@ -1,6 +1,6 @@
 """Regenerate every benchmark table and plot, and assemble ``benchmarks/RESULTS.md``.
 
-    python benchmarks/run_all.py          # what `make bench` runs (about 7 minutes on 2 CPU cores)
+    python benchmarks/run_all.py          # what `make bench` runs (about 6 minutes on 2 idle CPU cores)
     python benchmarks/run_all.py --fast --out-dir /tmp/bench --plot-dir /tmp/bench --results-md /tmp/bench/RESULTS.md
 
 Runs ``flops.py``, ``throughput.py`` and ``zero_memory.py`` one after another, each in its own process
