@@ -165,14 +165,3 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     frozen = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids | head_ids)
     return {"adapter": adapter, "adapter_merged": adapter_merged, "head": head, "frozen": frozen}
 
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters the optimizer should own: experts and head."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def expert_parameter_names(model: nn.Module) -> set[str]:
-    """Fully qualified names of the stacked expert tensors."""
-    ids = {id(p) for _, layer in adamix_layers(model) for p in layer.expert_parameters()}
-    return {name for name, p in model.named_parameters() if id(p) in ids}
-

@@ -52,7 +52,7 @@ def init_distributed(env: DistEnv) -> None:
 
     if "MASTER_ADDR" not in os.environ:
         # Started by plain python: a one-process group on a free local port.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(env.local_rank)
     deepspeed.init_distributed()
@@ -115,7 +115,8 @@ def usage_errors(env: DistEnv, prog: str = "train.py") -> Iterator[None]:
         raise SystemExit(USAGE_ERROR) from None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
