@@ -1,5 +1,6 @@
 """adamix-ds: AdaMix (mixture-of-adaptations) for Hugging Face models, trained with DeepSpeed."""
 
+from adamix_ds.checkpointing import enable_activation_checkpointing, routing_context_fn
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.consistency import AdaMixLoss, adamix_loss, consistency_loss
 from adamix_ds.io import export_peft, load_adapter, save_adapter
@@ -24,9 +25,11 @@ __all__ = [
     "choose_expert",
     "consistency_loss",
     "count_parameters",
+    "enable_activation_checkpointing",
     "export_peft",
     "load_adapter",
     "merge_adamix",
+    "routing_context_fn",
     "save_adapter",
     "set_eval_mode",
 ]

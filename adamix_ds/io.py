@@ -117,7 +117,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if getattr(model, "adamix_config", None) is None:
         add_adamix(model, saved)
     current = get_config(model)
-    conflicts = [f"{f}={getattr(saved, f)!r} in the file but {getattr(current, f)!r} in the model" for f in SHAPE_FIELDS if getattr(saved, f) != getattr(current, f)]
+    conflicts = [
+        f"{f}={getattr(saved, f)!r} in the file but {getattr(current, f)!r} in the model"
+        for f in SHAPE_FIELDS
+        if getattr(saved, f) != getattr(current, f)
+    ]
     if conflicts:
         raise ValueError(f"adapter at {path} does not fit this model: {'; '.join(conflicts)}")
 
@@ -129,7 +133,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"adapter at {path} does not match the model: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     with gathered(list(params.values()), modifier_rank=0):
-        wrong = [f"{k}: {tuple(tensors[k].shape)} in the file, {tuple(p.shape)} in the model" for k, p in params.items() if tensors[k].shape != p.shape]
+        wrong = [
+            f"{k}: {tuple(tensors[k].shape)} in the file, {tuple(p.shape)} in the model"
+            for k, p in params.items()
+            if tensors[k].shape != p.shape
+        ]
         if wrong:
             raise ValueError(f"adapter at {path} has mis-shaped tensors: {'; '.join(wrong[:5])}")
         with torch.no_grad():

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from adamix_ds.checkpointing import record_routes, replayed_routes
 from adamix_ds.config import AdaMixConfig
-from adamix_ds.kernels import adapter_forward
+from adamix_ds.kernels import adapter_forward, stacked_adapter_forward
 from adamix_ds.routing import Projection, Stream, choose_expert
 
 Weights = tuple[torch.Tensor, ...]
@@ -97,21 +98,31 @@ class AdaMixLayer(nn.Module):
 
     def _routed_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Training forward: each of the ``passes`` batch chunks is one routed pass, drawn exactly as
-        that many consecutive calls would draw."""
+        that many consecutive calls would draw; an activation-checkpoint recompute reuses its forward's routes."""
         weights = tuple(self.expert_parameters())
-        routes = [self._draw(Stream.TRAIN, self.forward_count + p) for p in range(self.passes)]
-        self.forward_count += self.passes
-        for down, up in routes:
-            self.routed[Projection.DOWN].add(down)
-            self.routed[Projection.UP].add(up)
-        if self.passes == 1 or x.shape[0] == 1:
+        routes = replayed_routes(self)
+        if routes is None:
+            routes = [self._draw(Stream.TRAIN, self.forward_count + p) for p in range(self.passes)]
+            self.forward_count += self.passes
+            for down, up in routes:
+                self.routed[Projection.DOWN].add(down)
+                self.routed[Projection.UP].add(up)
+            record_routes(self, routes)
+        # The routes, not self.passes: a recompute runs in the backward, after stacked_passes has reset it.
+        passes = len(routes)
+        if passes == 1 or x.shape[0] == 1:
             # One row: an input all stacked passes share rather than one stacked with them (DeBERTa-v2
             # projects its [1, 2k, d] relative-position embeddings with the attention's own query/key
             # layers); it gets the first pass's route.
             return self.adapt(x, base_out, weights, *routes[0])
-        if x.shape[0] % self.passes:
-            raise ValueError(f"batch of {x.shape[0]} rows cannot hold {self.passes} stacked passes: allowed a multiple of {self.passes}")
-        chunks = zip(x.chunk(self.passes), base_out.chunk(self.passes), routes, strict=True)
+        if x.shape[0] % passes:
+            raise ValueError(f"batch of {x.shape[0]} rows cannot hold {passes} stacked passes: allowed a multiple of {passes}")
+        return self.adapt_stacked(x, base_out, weights, routes)
+
+    def adapt_stacked(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, routes: list[tuple[int, int]]) -> torch.Tensor:
+        """``adapt`` over stacked passes: dim 0 of ``x`` and ``base_out`` holds ``len(routes)`` equal chunks, chunk
+        ``p`` routed by ``routes[p]``."""
+        chunks = zip(x.chunk(len(routes)), base_out.chunk(len(routes)), routes, strict=True)
         return torch.cat([self.adapt(x_p, out_p, weights, down, up) for x_p, out_p, (down, up) in chunks])
 
     def reset_routed(self) -> None:
@@ -190,6 +201,10 @@ class AdaMixBottleneck(AdaMixLayer):
     def adapt(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, down: int, up: int) -> torch.Tensor:
         down_weight, down_bias, up_weight, up_bias = weights
         return adapter_forward(base_out, down_weight, down_bias, up_weight, up_bias, down, up, self.activation)
+
+    def adapt_stacked(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, routes: list[tuple[int, int]]) -> torch.Tensor:
+        downs, ups = zip(*routes, strict=True)
+        return stacked_adapter_forward(base_out, *weights, downs, ups, self.activation)
 
 
 class AdaMixLoRA(AdaMixLayer):

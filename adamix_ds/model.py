@@ -164,4 +164,3 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     head = sum(p.numel() for _, p in head_parameters(model))
     frozen = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids | head_ids)
     return {"adapter": adapter, "adapter_merged": adapter_merged, "head": head, "frozen": frozen}
-

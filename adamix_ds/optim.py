@@ -89,7 +89,9 @@ class ExpertStepGuard:
         saved: list[tuple[nn.Parameter, list[int], torch.Tensor, dict[str, torch.Tensor | None]]] = []
         for param, unused in self._unrouted():
             states = {key: self.access.get_state(param, key) for key in self.access.state_keys(param)}
-            saved.append((param, unused, self.access.get_param(param)[unused], {k: v if v is None else v[unused] for k, v in states.items()}))
+            saved.append(
+                (param, unused, self.access.get_param(param)[unused], {k: v if v is None else v[unused] for k, v in states.items()})
+            )
         result = step_fn()
         for param, unused, weights, states in saved:
             full = self.access.get_param(param)
@@ -121,6 +123,8 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+def build_adamw(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+) -> torch.optim.AdamW:
     """AdamW over the trainable parameters with the recipe's grouping: no decay on biases."""
     return torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)

@@ -158,6 +158,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "transformers": transformers.__version__,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
     try:
         import peft

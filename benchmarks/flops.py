@@ -44,6 +44,14 @@ import matplotlib
 import matplotlib.ticker
 import torch
 import torch.fx.experimental._config as fx_config
+from deepspeed.profiling.flops_profiler import FlopsProfiler
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from adamix_ds import AdaMixConfig, adamix_loss, add_adamix
+from adamix_ds.flops import estimate_flops
+from adamix_ds.kernels.eager import adapter_forward_eager
+
 from common import (
     BACKBONES,
     BENCH_DIR,
@@ -59,13 +67,6 @@ from common import (
     training_labels,
     write_results,
 )
-from deepspeed.profiling.flops_profiler import FlopsProfiler
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
-from adamix_ds import AdaMixConfig, adamix_loss, add_adamix
-from adamix_ds.flops import estimate_flops
-from adamix_ds.kernels.eager import adapter_forward_eager
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)

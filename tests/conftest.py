@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import ARCHITECTURES
 
 from adamix_ds.training.runtime import free_port  # noqa: F401  (re-exported for the tests)
+
+from tiny_models import ARCHITECTURES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -84,7 +84,7 @@ def test_forward_backward_merge_save_load(model_type, adapter_type, tmp_path):
     save_adapter(model, tmp_path / "merged", merged=True)
 
     reloaded = load_adapter(tiny_classifier(model_type), tmp_path / "experts")
-    for (name, param), (_, original) in zip(reloaded.state_dict().items(), model.state_dict().items()):
+    for (name, param), (_, original) in zip(reloaded.state_dict().items(), model.state_dict().items(), strict=True):
         assert torch.equal(param, original), f"{name} not bit-exact after load"
     merged_fresh = load_adapter(tiny_classifier(model_type), tmp_path / "merged")
     assert merged_fresh.adamix_config.num_experts == 1
@@ -130,7 +130,10 @@ def test_loading_is_strict_about_keys_and_shapes(tmp_path):
     with pytest.raises(ValueError, match=rf"missing keys \['{key}'\]"):
         load_adapter(adamix_model("bert", "bottleneck"), tmp_path / "a")
 
-    save_file({**tensors, "bert.encoder.layer.9.output.dense.down_weight": tensors[key].clone()}, str(tmp_path / "a" / "adapter_model.safetensors"))
+    save_file(
+        {**tensors, "bert.encoder.layer.9.output.dense.down_weight": tensors[key].clone()},
+        str(tmp_path / "a" / "adapter_model.safetensors"),
+    )
     with pytest.raises(ValueError, match=r"unexpected keys \['bert.encoder.layer.9"):
         load_adapter(adamix_model("bert", "bottleneck"), tmp_path / "a")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.fx.experimental._config as fx_config
-from conftest import REPO_ROOT, subprocess_env
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from adamix_ds import AdaMixConfig, adamix_loss, add_adamix
 from adamix_ds.flops import estimate_flops
 
+from conftest import REPO_ROOT, subprocess_env
+
 BENCHMARKS = REPO_ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from run_all import assemble, kernel_section  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from throughput import ALLOCATOR_TUNABLES  # noqa: E402
 
 
 def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -67,6 +70,9 @@ def test_throughput_fast_measures_every_method(tmp_path: Path) -> None:
     assert methods["adamix"]["trainable"] > methods["adapter"]["trainable"]
     assert set(results["inference"]) == {"merged", "adapter", "ensemble"}
     assert len(results["targets"]) == 6
+    assert 0 <= results["foreign_load_cores"] <= os.cpu_count()
+    # The script restarts itself with the allocator setting it documents (unless glibc tunables were already set).
+    assert results["environment"]["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", ALLOCATOR_TUNABLES)
     assert (tmp_path / "throughput.png").stat().st_size > 0
 
 

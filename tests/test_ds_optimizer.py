@@ -99,10 +99,11 @@ def _seed_with_coverage():
 
 def _tiny_model(seed: int):
     import torch
-    from tiny_models import tiny_config
     from transformers import AutoModelForSequenceClassification
 
     from adamix_ds import AdaMixConfig, add_adamix
+
+    from tiny_models import tiny_config
 
     config = tiny_config("bert")
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0  # the reference must see the same forward

@@ -24,7 +24,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils.flop_counter import FlopCounterMode
 
-from adamix_ds.kernels import KERNEL_ENV_VAR, adapter_forward
+from adamix_ds.kernels import KERNEL_ENV_VAR, adapter_forward, stacked_adapter_forward
 from adamix_ds.kernels.eager import adapter_forward_eager
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -178,6 +178,33 @@ def test_gradients_reach_only_chosen_experts(request, monkeypatch, kernel):
         others = torch.arange(grad.shape[0]) != index
         assert grad[index].abs().sum() > 0
         assert torch.equal(grad[others], torch.zeros_like(grad[others]))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "eager"])
+@pytest.mark.parametrize("routes", [[(2, 1), (0, 1)], [(1, 0), (1, 0), (2, 1)]], ids=["2-passes", "3-passes-repeated-expert"])
+def test_stacked_passes_equal_one_call_per_chunk(request, monkeypatch, kernel, routes):
+    if kernel == "triton":
+        request.getfixturevalue("triton_kernel")
+    else:
+        monkeypatch.setenv(KERNEL_ENV_VAR, kernel)
+    tensors, _, _ = adapter_inputs("3d-hidden", torch.float32)
+    tensors[0] = torch.cat([tensors[0]] * len(routes)) + torch.randn(len(routes) * 2, 37, 100)  # chunks differ
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    downs, ups = zip(*routes, strict=True)
+    stacked_adapter_forward(*leaves, downs, ups, "gelu").square().sum().backward()
+
+    reference = [t.detach().double().requires_grad_() for t in tensors]
+    chunks = reference[0].chunk(len(routes))
+    expected = torch.cat([adapter_forward_eager(chunk, *reference[1:], d, u, "gelu") for chunk, (d, u) in zip(chunks, routes, strict=True)])
+    expected.square().sum().backward()
+    for leaf, ref in zip(leaves, reference, strict=True):
+        assert relative_error(leaf.grad, ref.grad) < 1e-5
+
+
+def test_stacked_passes_need_one_route_per_equal_chunk():
+    tensors, _, _ = adapter_inputs("3d-hidden", torch.float32)  # 2 rows
+    with pytest.raises(ValueError, match="3 down and 3 up indices for a batch of 2 rows"):
+        stacked_adapter_forward(*tensors, (0, 1, 2), (0, 0, 1), "gelu")
 
 
 def test_negative_indices_pick_the_same_experts_as_eager(triton_kernel, monkeypatch):

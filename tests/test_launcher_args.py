@@ -11,12 +11,13 @@ import json
 import shutil
 
 import pytest
-from conftest import REPO_ROOT, SHARED_DATA
 
 from adamix_ds.training import TrainSchedule, adamix_config, build_ds_config, parse_args, step_seed
 from adamix_ds.training.arguments import DEFAULT_MODEL, DEMO_PRESET
 from adamix_ds.training.data import ResumableSampler
 from adamix_ds.training.runtime import DistEnv
+
+from conftest import REPO_ROOT, SHARED_DATA
 
 STAGE_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 TINY = [
@@ -214,9 +215,9 @@ def _glue_copy(tmp_path, train_rows: int = 40, bad_row: bool = False, drop_dev: 
 
 def _foreign_adapter(tmp_path):
     """An AdaMix adapter trained on another architecture (a hidden-32 BERT), saved by this library."""
-    from tiny_models import tiny_classifier
-
     from adamix_ds import AdaMixConfig, add_adamix, save_adapter
+
+    from tiny_models import tiny_classifier
 
     model = add_adamix(tiny_classifier("bert"), AdaMixConfig(bottleneck_dim=16, num_experts=4))
     save_adapter(model, tmp_path / "foreign_adapter")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,7 +134,9 @@ def test_merged_cache_is_reused_and_invalidated_when_weights_change():
     assert not torch.allclose(first, changed)
     h = layer.base_layer(x)
     with torch.no_grad():
-        expected = h + F.linear(F.gelu(F.linear(h, layer.down_weight.mean(0), layer.down_bias.mean(0))), layer.up_weight[0], layer.up_bias[0])
+        expected = h + F.linear(
+            F.gelu(F.linear(h, layer.down_weight.mean(0), layer.down_bias.mean(0))), layer.up_weight[0], layer.up_bias[0]
+        )
     torch.testing.assert_close(changed, expected)
 
 
@@ -205,7 +206,7 @@ def test_routing_is_a_pure_function_of_its_key():
     assert draws == [choose_expert(5, Stream.TRAIN, step, 2, Projection.DOWN, 8) for step in range(400)]
     assert draws != [choose_expert(6, Stream.TRAIN, step, 2, Projection.DOWN, 8) for step in range(400)]
     ups = [choose_expert(5, Stream.TRAIN, step, 2, Projection.UP, 8) for step in range(400)]
-    assert sum(d == u for d, u in zip(draws, ups)) < 100  # independent: ~1/8 agree by chance
+    assert sum(d == u for d, u in zip(draws, ups, strict=True)) < 100  # independent: ~1/8 agree by chance
     counts = torch.bincount(torch.tensor(draws), minlength=8)
     assert counts.min() > 25  # uniform: 50 expected per expert
 

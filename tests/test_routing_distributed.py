@@ -15,8 +15,16 @@ from conftest import REPO_ROOT, free_port, subprocess_env
 def test_two_ranks_route_identically_for_100_steps(tmp_path):
     output = tmp_path / "routing.json"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(REPO_ROOT / "tests" / "workers" / "routing_worker.py"), str(output), "100",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO_ROOT / "tests" / "workers" / "routing_worker.py"),
+        str(output),
+        "100",
     ]
     completed = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]

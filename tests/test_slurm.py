@@ -33,19 +33,39 @@ def test_sbatch_trains_checkpoints_on_sigusr1_requeues_and_resumes(cluster, tmp_
     output_dir = tmp_path / "run"
     log = tmp_path / "job.out"
     train_args = [
-        "--task_name", "sst2", "--data_dir", str(SHARED_DATA / "glue" / "SST-2"),
-        "--max_train_samples", "480", "--max_eval_samples", "64", "--max_seq_length", "32",
-        "--per_device_train_batch_size", "8", "--max_steps", str(TOTAL_STEPS), "--logging_steps", "1",
-        "--eval_steps", "1000", "--output_dir", str(output_dir),
+        "--task_name",
+        "sst2",
+        "--data_dir",
+        str(SHARED_DATA / "glue" / "SST-2"),
+        "--max_train_samples",
+        "480",
+        "--max_eval_samples",
+        "64",
+        "--max_seq_length",
+        "32",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_steps",
+        str(TOTAL_STEPS),
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "1000",
+        "--output_dir",
+        str(output_dir),
     ]
     env = {**subprocess_env(), "PROCS_PER_NODE": "2", "PYTHON": sys.executable, "DS_CONFIG": "ds_configs/zero2.json"}
-    job = cluster.submit(REPO_ROOT / "launchers" / "slurm" / "train.sbatch", train_args, ["--output", str(log)], cwd=REPO_ROOT, extra_env=env)
+    job = cluster.submit(
+        REPO_ROOT / "launchers" / "slurm" / "train.sbatch", train_args, ["--output", str(log)], cwd=REPO_ROOT, extra_env=env
+    )
 
     # Signal once training is under way, as Slurm does shortly before the time limit.
     deadline = time.time() + 300
     progress = re.compile(rf"\b([1-9]\d*)/{TOTAL_STEPS}\b")
     while not (log.exists() and progress.search(log.read_text(errors="replace"))):
-        assert time.time() < deadline, f"no training progress in the job log:\n{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
+        assert time.time() < deadline, (
+            f"no training progress in the job log:\n{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
+        )
         assert cluster.job_field(job, "JobState") in {"PENDING", "RUNNING"}, log.read_text(errors="replace")[-3000:]
         time.sleep(1)
     cluster.signal_steps(job, "USR1")

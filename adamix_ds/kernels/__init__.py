@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 
-from adamix_ds.kernels.eager import ACTIVATIONS, adapter_forward_eager
+from adamix_ds.kernels.eager import ACTIVATIONS, adapter_forward_eager, stacked_adapter_forward_eager
 
-__all__ = ["adapter_forward"]
+__all__ = ["adapter_forward", "stacked_adapter_forward"]
 
 KERNEL_ENV_VAR = "ADAMIX_KERNEL"
 KERNEL_CHOICES = ("eager", "triton")
@@ -54,25 +55,59 @@ def adapter_forward(
     ``up_bias`` ``[M_up, d]``; the expert is selected by index, without a copy. Gradients reach only the
     chosen slices. ``activation`` is ``"gelu"`` (exact erf), ``"gelu_tanh"`` or ``"relu"``.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    choice = _forced_kernel()
-    if choice is None:
-        use_triton = hidden.is_cuda and _triton_unsupported_reason(hidden, down_weight, down_bias, up_weight, up_bias) is None
-    elif choice == "triton":
-        reason = _triton_unsupported_reason(hidden, down_weight, down_bias, up_weight, up_bias)
-        if reason is not None:
-            raise ValueError(f"{KERNEL_ENV_VAR}=triton cannot run this adapter call: {reason}")
-        use_triton = True
-    else:
-        use_triton = False
-    if not use_triton:
+    if not _use_triton(hidden, down_weight, down_bias, up_weight, up_bias, activation):
         return adapter_forward_eager(hidden, down_weight, down_bias, up_weight, up_bias, down_index, up_index, activation)
     down_index = _normalize_index(down_index, down_weight.shape[0], "down_index")
     up_index = _normalize_index(up_index, up_weight.shape[0], "up_index")
     fwd = _triton_op()
     y, _ = fwd(hidden, down_weight, down_bias, up_weight, up_bias, down_index, up_index, activation)
     return y
+
+
+def stacked_adapter_forward(
+    hidden: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    down_indices: Sequence[int],
+    up_indices: Sequence[int],
+    activation: str,
+) -> torch.Tensor:
+    """``adapter_forward`` over stacked passes: dim 0 of ``hidden`` holds ``len(down_indices)`` equal chunks, and
+    chunk ``p`` goes through experts ``down_indices[p]`` and ``up_indices[p]``.
+
+    The fused kernel runs once per chunk; the eager path runs every chunk in one batched matmul per projection.
+    """
+    if len(down_indices) != len(up_indices) or hidden.shape[0] % len(down_indices):
+        raise ValueError(
+            f"{len(down_indices)} down and {len(up_indices)} up indices for a batch of {hidden.shape[0]} rows: "
+            "allowed one index of each per equal chunk"
+        )
+    if not _use_triton(hidden, down_weight, down_bias, up_weight, up_bias, activation):
+        return stacked_adapter_forward_eager(hidden, down_weight, down_bias, up_weight, up_bias, down_indices, up_indices, activation)
+    chunks = zip(hidden.chunk(len(down_indices)), down_indices, up_indices, strict=True)
+    return torch.cat([adapter_forward(chunk, down_weight, down_bias, up_weight, up_bias, d, u, activation) for chunk, d, u in chunks])
+
+
+def _use_triton(
+    hidden: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    activation: str,
+) -> bool:
+    """Whether the fused kernel takes this call (see the module docstring); a bad choice raises ``ValueError``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    choice = _forced_kernel()
+    if choice == "eager":
+        return False
+    reason = _triton_unsupported_reason(hidden, down_weight, down_bias, up_weight, up_bias)
+    if choice == "triton" and reason is not None:
+        raise ValueError(f"{KERNEL_ENV_VAR}=triton cannot run this adapter call: {reason}")
+    return reason is None and (choice == "triton" or hidden.is_cuda)
 
 
 def _forced_kernel() -> str | None:

@@ -82,10 +82,14 @@ class AdaMixArguments:
     )
     adapter_type: Literal["bottleneck", "lora"] | None = field(
         default=None,
-        metadata={"help": "What --method adamix mixes: bottleneck adapters on the FFN output (default) or LoRA on query/value (AdaMix-LoRA)."},
+        metadata={
+            "help": "What --method adamix mixes: bottleneck adapters on the FFN output (default) or LoRA on query/value (AdaMix-LoRA)."
+        },
     )
     num_experts: int | None = field(default=None, metadata={"help": "Experts per projection (default 4 for adamix; 1 for adapter/lora)."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator: the update is scaled by lora_alpha / bottleneck_dim."})
+    lora_alpha: float = field(
+        default=32.0, metadata={"help": "LoRA scaling numerator: the update is scaled by lora_alpha / bottleneck_dim."}
+    )
     bottleneck_dim: int = field(default=16, metadata={"help": "Adapter bottleneck size (LoRA rank for --method lora)."})
     share_up: bool = field(default=True, metadata={"help": "One shared up projection for all experts (the paper's setting)."})
     share_down: bool = field(default=False, metadata={"help": "One shared down projection for all experts."})
@@ -112,6 +116,10 @@ class TrainingArguments:
     )
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (the config's bf16.enabled)."})
     fp16: bool = field(default=False, metadata={"help": "float16 mixed precision with loss scaling (the config's fp16.enabled)."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each Transformer block's activations in the backward (with the forward's experts) to save memory."},
+    )
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Micro-batch per rank."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch per rank."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -213,7 +221,9 @@ def _apply_defaults(run: RunArguments) -> None:
             raise ValueError(f"{name}={value} contradicts --method {adamix.method} (a single adapter); use --method adamix")
     implied = {"adapter": "bottleneck", "lora": "lora"}.get(adamix.method)
     if implied is not None and adamix.adapter_type not in (None, implied):
-        raise ValueError(f"adapter_type={adamix.adapter_type} contradicts --method {adamix.method}; use --method adamix --adapter_type {adamix.adapter_type}")
+        raise ValueError(
+            f"adapter_type={adamix.adapter_type} contradicts --method {adamix.method}; use --method adamix --adapter_type {adamix.adapter_type}"
+        )
     adamix.adapter_type = implied or adamix.adapter_type or "bottleneck"
     if adamix.num_experts is None:
         adamix.num_experts = 1 if single else 4

@@ -1,0 +1,121 @@
+"""Activation checkpointing that recomputes each AdaMix layer with the experts its forward drew.
+
+A checkpointed block runs its forward twice: once without keeping activations, and again inside the
+backward to rebuild them. A routed layer would draw a new expert on the second run, so the backward
+would differentiate a function the forward never computed. ``torch.utils.checkpoint``'s ``context_fn``
+runs the forward and the recompute under two context managers made together: the first records every
+route drawn in the block, the second hands the same routes back, in order.
+
+    enable_activation_checkpointing(model)   # instead of model.activation_checkpointing_enable()
+
+A recompute without that pairing (reentrant checkpointing, or plain ``activation_checkpointing_enable``)
+is detected and raises instead of silently training the wrong experts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+
+import torch
+from torch import nn
+
+Route = tuple[int, int]
+
+
+class RouteTape:
+    """The routes one checkpointed block drew in its forward, replayed by its recompute."""
+
+    def __init__(self) -> None:
+        self._entries: deque[tuple[nn.Module, list[Route]]] = deque()
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Run the block's forward: every routed AdaMix call appends its routes."""
+        with _active("record", self):
+            yield
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Run the block's recompute: every routed AdaMix call takes the next recorded routes."""
+        with _active("replay", self):
+            yield
+
+    def record(self, layer: nn.Module, routes: list[Route]) -> None:
+        self._entries.append((layer, routes))
+
+    def replay(self, layer: nn.Module) -> list[Route]:
+        if not self._entries:
+            raise RuntimeError(f"activation checkpointing: {layer.extra_repr()} ran in the recompute but not in the forward")
+        recorded_layer, routes = self._entries.popleft()
+        if recorded_layer is not layer:
+            raise RuntimeError(
+                f"activation checkpointing: the recompute reached {layer.extra_repr()} where the forward reached "
+                f"{recorded_layer.extra_repr()}: the checkpointed block must call its layers in the same order"
+            )
+        return routes
+
+
+_state = threading.local()
+
+
+@contextmanager
+def _active(mode: str, tape: RouteTape) -> Iterator[None]:
+    # Thread-local: on GPU the autograd engine runs the recompute on its own device thread, where it
+    # enters the replay context itself.
+    previous = getattr(_state, "current", None)
+    _state.current = (mode, tape)
+    try:
+        yield
+    finally:
+        _state.current = previous
+
+
+def replayed_routes(layer: nn.Module) -> list[Route] | None:
+    """The routes ``layer`` must reuse because this call is a checkpoint recompute; ``None`` for a fresh forward.
+
+    Raises ``RuntimeError`` for a recompute that nothing recorded (checkpointing without ``routing_context_fn``).
+    """
+    current = getattr(_state, "current", None)
+    if current is not None and current[0] == "replay":
+        return current[1].replay(layer)
+    if current is None and _inside_backward():
+        raise RuntimeError(
+            f"{layer.extra_repr()} was re-run inside the backward (activation checkpointing) without its forward's "
+            "routes: enable checkpointing with adamix_ds.enable_activation_checkpointing(model), or pass "
+            "use_reentrant=False, context_fn=adamix_ds.routing_context_fn to torch.utils.checkpoint"
+        )
+    return None
+
+
+def record_routes(layer: nn.Module, routes: list[Route]) -> None:
+    """Keep ``routes`` for the recompute if ``layer`` runs inside a checkpointed block's forward."""
+    current = getattr(_state, "current", None)
+    if current is not None and current[0] == "record":
+        current[1].record(layer, routes)
+
+
+def _inside_backward() -> bool:
+    # The autograd engine's current graph task; -1 outside a backward. The same probe torch.utils.checkpoint uses.
+    return torch._C._current_graph_task_id() != -1
+
+
+def routing_context_fn() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: a forward context that
+    records the block's routes and a recompute context that replays them."""
+    tape = RouteTape()
+    return tape.recording(), tape.replaying()
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Turn on a Hugging Face model's activation checkpointing (every Transformer block) so that recomputes reuse
+    the forward's experts. ``model`` is a ``transformers.PreTrainedModel`` with AdaMix layers."""
+    kwargs = {"use_reentrant": False, "context_fn": routing_context_fn}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):  # transformers 4
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise TypeError(f"cannot checkpoint a {type(model).__name__}: allowed a transformers PreTrainedModel")
