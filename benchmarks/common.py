@@ -280,6 +280,8 @@ class SingleLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         low_rank = self.lora_A(self.dropout(x)) * self.scaling
+        if self.out_slices == [(0, out.shape[-1])]:
+            return out + self.lora_B[0](low_rank)
         pieces, cursor = [], 0
         for (start, length), blocks, up in zip(self.out_slices, low_rank.chunk(len(self.out_slices), dim=-1), self.lora_B, strict=True):
             pieces += [out[..., cursor:start], out[..., start : start + length] + up(blocks)]

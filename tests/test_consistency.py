@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from adamix_ds import AdaMixConfig, adamix_loss, add_adamix, consistency_loss
-from adamix_ds.model import adamix_layers
+from adamix_ds.model import adamix_layers, head_parameters
 
 from tiny_models import tiny_classifier, token_batch
 
@@ -68,24 +69,37 @@ def test_helper_makes_one_pass_when_the_term_cannot_matter():
     assert all(layer.forward_count == 2 for _, layer in adamix_layers(model))
 
 
-def test_stacked_passes_equal_two_sequential_passes():
-    model = add_adamix(tiny_classifier("bert"), AdaMixConfig(bottleneck_dim=4, num_experts=4, share_up=False)).train()
+def test_stacked_passes_equal_two_sequential_passes(model_type, adapter_type):
+    if (model_type, adapter_type) == ("deberta-v2", "lora"):
+        # DeBERTa-v2 also projects its relative-position table with query_proj: one row that both stacked
+        # passes share, so it gets one route where two sequential passes would draw two.
+        pytest.skip("relative-position projection shared by the stacked passes")
+    config = AdaMixConfig(adapter_type=adapter_type, bottleneck_dim=4, num_experts=4, share_up=False)
+    model = add_adamix(tiny_classifier(model_type), config).train()
     for module in model.modules():  # no dropout: the two ways must then agree to rounding
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     with torch.no_grad():
         for _, layer in adamix_layers(model):
-            layer.down_weight.normal_(0, 0.5)  # experts far apart, so a routing difference shows
-            layer.up_weight.normal_(0, 0.5)
-        model.classifier.weight.normal_(0, 10.0)
+            for param in layer.expert_parameters():
+                param.normal_(0, 0.5)  # experts far apart (LoRA's B too), so a routing difference shows
+        for _, param in head_parameters(model):
+            param.normal_(0, 1.0)
     batch = token_batch()
     stacked = adamix_loss(model, batch, consistency_weight=1.0)
+    stacked.loss.backward()
+    stacked_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
     for _, layer in adamix_layers(model):
         layer.forward_count = 0
     first = model(**batch)
     second = model(input_ids=batch["input_ids"])
     expected = first.loss + consistency_loss(first.logits, second.logits)
+    expected.backward()
     assert stacked.consistency_loss > 1e-4
     torch.testing.assert_close(stacked.logits, first.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stacked.loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stacked.task_loss, first.loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(stacked_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
