@@ -15,9 +15,7 @@ is detected and raises instead of silently training the wrong experts.
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -26,51 +24,52 @@ Route = tuple[int, int]
 
 
 class RouteTape:
-    """The routes one checkpointed block drew in its forward, replayed by its recompute."""
+    """The routes one checkpointed block drew in its forward, replayed by its recompute(s)."""
 
     def __init__(self) -> None:
-        self._entries: deque[tuple[nn.Module, list[Route]]] = deque()
-
-    @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Run the block's forward: every routed AdaMix call appends its routes."""
-        with _active("record", self):
-            yield
-
-    @contextmanager
-    def replaying(self) -> Iterator[None]:
-        """Run the block's recompute: every routed AdaMix call takes the next recorded routes."""
-        with _active("replay", self):
-            yield
+        self._entries: list[tuple[nn.Module, list[Route]]] = []
+        self._cursor = 0
 
     def record(self, layer: nn.Module, routes: list[Route]) -> None:
         self._entries.append((layer, routes))
 
+    def rewind(self) -> None:
+        # A backward with retain_graph=True and a later backward each recompute the block from its start.
+        self._cursor = 0
+
     def replay(self, layer: nn.Module) -> list[Route]:
-        if not self._entries:
+        if self._cursor == len(self._entries):
             raise RuntimeError(f"activation checkpointing: {layer.extra_repr()} ran in the recompute but not in the forward")
-        recorded_layer, routes = self._entries.popleft()
+        recorded_layer, routes = self._entries[self._cursor]
         if recorded_layer is not layer:
             raise RuntimeError(
                 f"activation checkpointing: the recompute reached {layer.extra_repr()} where the forward reached "
                 f"{recorded_layer.extra_repr()}: the checkpointed block must call its layers in the same order"
             )
+        self._cursor += 1
         return routes
 
 
 _state = threading.local()
 
 
-@contextmanager
-def _active(mode: str, tape: RouteTape) -> Iterator[None]:
-    # Thread-local: on GPU the autograd engine runs the recompute on its own device thread, where it
-    # enters the replay context itself.
-    previous = getattr(_state, "current", None)
-    _state.current = (mode, tape)
-    try:
-        yield
-    finally:
-        _state.current = previous
+class _TapeContext:
+    """Makes ``tape`` the current one for recording or replaying; re-enterable (one per checkpoint call)."""
+
+    def __init__(self, mode: str, tape: RouteTape) -> None:
+        self.mode, self.tape = mode, tape
+        self._previous: list[tuple[str, RouteTape] | None] = []
+
+    def __enter__(self) -> None:
+        # Thread-local: on GPU the autograd engine runs the recompute on its own device thread, where it
+        # enters the replay context itself.
+        self._previous.append(getattr(_state, "current", None))
+        if self.mode == "replay":
+            self.tape.rewind()
+        _state.current = (self.mode, self.tape)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _state.current = self._previous.pop()
 
 
 def replayed_routes(layer: nn.Module) -> list[Route] | None:
@@ -106,7 +105,7 @@ def routing_context_fn() -> tuple[AbstractContextManager[None], AbstractContextM
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: a forward context that
     records the block's routes and a recompute context that replays them."""
     tape = RouteTape()
-    return tape.recording(), tape.replaying()
+    return _TapeContext("record", tape), _TapeContext("replay", tape)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

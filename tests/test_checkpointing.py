@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -64,15 +63,19 @@ def test_checkpointing_without_the_route_replay_is_an_error(how):
         loss.backward()
 
 
-def test_routing_context_fn_with_torch_checkpoint():
+def test_routing_context_fn_with_torch_checkpoint_and_a_retained_graph():
     model = adamix_model("bert", "bottleneck").train()
     layer = next(adamix_layers(model))[1]
     x = torch.randn(2, 5, 64, requires_grad=True)
-    run = functools.partial(checkpoint, layer, use_reentrant=False, context_fn=routing_context_fn)
-    run(x).sum().backward()
+    out = checkpoint(layer, x, use_reentrant=False, context_fn=routing_context_fn).sum()
+    out.backward(retain_graph=True)
+    out.backward()  # a second backward recomputes again, with the same routes
     expected = x.grad.clone()
     x.grad = None
     # The same forward counter without checkpointing gives the same gradient.
     layer.forward_count -= 1
-    layer(x).sum().backward()
+    plain = layer(x).sum()
+    plain.backward(retain_graph=True)
+    plain.backward()
     torch.testing.assert_close(x.grad, expected)
+    assert layer.forward_count == 1
