@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from adamix_ds.checkpointing import record_routes, replayed_routes
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.kernels import adapter_forward, stacked_adapter_forward
+from adamix_ds.kernels.eager import chosen_experts
 from adamix_ds.routing import Projection, Stream, choose_expert
 
 Weights = tuple[torch.Tensor, ...]
@@ -34,7 +35,8 @@ class AdaMixLayer(nn.Module):
     """Wraps ``base_layer``; routes each training forward to one expert per projection.
 
     Subclasses define the stacked parameters (``expert_parameters``, ordered as ``adapt`` takes them),
-    which of them each projection owns (``projection_parameters``) and the adapter math (``adapt``).
+    which of them each projection owns (``projection_parameters``) and the adapter math, for one pass
+    (``adapt``) and for passes stacked along the batch (``adapt_stacked``).
     """
 
     def __init__(self, base_layer: nn.Module, config: AdaMixConfig, layer_id: int) -> None:
@@ -64,6 +66,11 @@ class AdaMixLayer(nn.Module):
 
     def adapt(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, down: int, up: int) -> torch.Tensor:
         """Output of the adapted layer with experts ``down`` and ``up`` of ``weights``."""
+        raise NotImplementedError
+
+    def adapt_stacked(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, routes: list[tuple[int, int]]) -> torch.Tensor:
+        """``adapt`` over stacked passes: dim 0 of ``x`` and ``base_out`` holds ``len(routes)`` equal chunks, chunk
+        ``p`` routed by ``routes[p]``."""
         raise NotImplementedError
 
     def experts_in(self, projection: Projection) -> int:
@@ -118,12 +125,6 @@ class AdaMixLayer(nn.Module):
         if x.shape[0] % passes:
             raise ValueError(f"batch of {x.shape[0]} rows cannot hold {passes} stacked passes: allowed a multiple of {passes}")
         return self.adapt_stacked(x, base_out, weights, routes)
-
-    def adapt_stacked(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, routes: list[tuple[int, int]]) -> torch.Tensor:
-        """``adapt`` over stacked passes: dim 0 of ``x`` and ``base_out`` holds ``len(routes)`` equal chunks, chunk
-        ``p`` routed by ``routes[p]``."""
-        chunks = zip(x.chunk(len(routes)), base_out.chunk(len(routes)), routes, strict=True)
-        return torch.cat([self.adapt(x_p, out_p, weights, down, up) for x_p, out_p, (down, up) in chunks])
 
     def reset_routed(self) -> None:
         """Forget which experts were used; called after each optimizer step."""
@@ -273,8 +274,8 @@ class AdaMixLoRA(AdaMixLayer):
         lora_a, lora_b = weights
         downs, ups = zip(*routes, strict=True)
         chunks = self.lora_dropout(x).reshape(len(routes), -1, x.shape[-1])
-        low_rank = torch.bmm(chunks, torch.stack([lora_a[i] for i in downs]).transpose(1, 2)) * self.scaling
-        up_rows = torch.stack([lora_b[i] for i in ups])
+        low_rank = torch.bmm(chunks, chosen_experts(lora_a, downs).transpose(1, 2)) * self.scaling
+        up_rows = chosen_experts(lora_b, ups)
         deltas = [
             torch.bmm(low_rank[..., block], rows.transpose(1, 2)).reshape(*base_out.shape[:-1], length)
             for _, length, block, rows in self._slice_blocks(up_rows)

@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.fx.experimental._config as fx_config
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
 
 from adamix_ds import AdaMixConfig, adamix_loss, add_adamix
 from adamix_ds.flops import estimate_flops
 
 from conftest import REPO_ROOT, subprocess_env
+from tiny_models import tiny_config
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -125,22 +126,10 @@ def test_run_all_keeps_the_kernel_section() -> None:
 
 def _tiny(model_type: str):
     """A 2-layer model of ``model_type`` on the meta device; DeBERTa with its relative attention and conv layer on."""
-    if model_type == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=128)
-    else:
-        extra = {}
-        if model_type == "deberta-v2":
-            extra = dict(relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"], share_att_key=True, conv_kernel_size=3)
-        config = AutoConfig.for_model(
-            model_type,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            vocab_size=128,
-            num_labels=3,
-            **extra,
-        )
+    extra = {}
+    if model_type == "deberta-v2":
+        extra = dict(relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"], share_att_key=True, conv_kernel_size=3)
+    config = tiny_config(model_type, num_labels=3, **extra)
     config.pad_token_id = None
     with torch.device("meta"):
         if model_type == "gpt2":

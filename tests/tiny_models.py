@@ -8,8 +8,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, GPT2Con
 ARCHITECTURES = ("bert", "roberta", "deberta-v2", "gpt2")
 
 
-def tiny_config(model_type: str, num_labels: int = 2):
-    """A 2-layer, hidden-32 config of ``model_type``: small enough for a test, same module layout."""
+def tiny_config(model_type: str, num_labels: int = 2, **overrides):
+    """A 2-layer, hidden-32 config of ``model_type``: small enough for a test, same module layout.
+
+    ``overrides`` are further config fields (an encoder's, e.g. DeBERTa's relative attention).
+    """
     if model_type == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=128, pad_token_id=0, num_labels=num_labels)
     return AutoConfig.for_model(
@@ -21,6 +24,7 @@ def tiny_config(model_type: str, num_labels: int = 2):
         vocab_size=128,
         max_position_embeddings=64,
         num_labels=num_labels,
+        **overrides,
     )
 
 
