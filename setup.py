@@ -21,9 +21,11 @@ setup(
         "scipy>=1.11",
         "tensorboard>=2.15",
         "tqdm>=4.66",
+        "pyyaml>=6.0",
+        "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.13,<0.22", "matplotlib>=3.8", "psutil>=5.9", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.13,<0.22", "psutil>=5.9", "ruff>=0.6"],
         "kernels": ["triton>=3.1"],
     },
 )

@@ -46,6 +46,8 @@ class AdaMixLayer(nn.Module):
         self.seed = config.seed
         self.eval_mode = config.eval_mode
         self.eval_expert = config.eval_expert
+        # A (down, up) pair for eval_mode="fixed" that overrides eval_expert (see adamix_ds.model.set_eval_mode).
+        self.eval_route: tuple[int, int] | None = None
         self.num_experts = config.num_experts
         self.forward_count = 0
         self.eval_forward_count = 0
@@ -96,8 +98,7 @@ class AdaMixLayer(nn.Module):
             self.eval_forward_count += 1
             return self.adapt(x, base_out, tuple(self.expert_parameters()), down, up)
         if self.eval_mode == "fixed":
-            down, up = (min(self.eval_expert, self.experts_in(p) - 1) for p in Projection)
-            return self.adapt(x, base_out, tuple(self.expert_parameters()), down, up)
+            return self.adapt(x, base_out, tuple(self.expert_parameters()), *self.fixed_route())
         weights = tuple(self.expert_parameters())
         n_down, n_up = (self.experts_in(p) for p in Projection)
         outputs = [self.adapt(x, base_out, weights, k % n_down, k % n_up) for k in range(max(n_down, n_up))]
@@ -125,6 +126,13 @@ class AdaMixLayer(nn.Module):
         if x.shape[0] % passes:
             raise ValueError(f"batch of {x.shape[0]} rows cannot hold {passes} stacked passes: allowed a multiple of {passes}")
         return self.adapt_stacked(x, base_out, weights, routes)
+
+    def fixed_route(self) -> tuple[int, int]:
+        """The ``(down, up)`` experts of ``eval_mode="fixed"``: ``eval_route`` when set, else expert
+        ``eval_expert`` of each projection (the shared one where a projection has a single copy)."""
+        if self.eval_route is not None:
+            return self.eval_route
+        return tuple(min(self.eval_expert, self.experts_in(p) - 1) for p in Projection)
 
     def reset_routed(self) -> None:
         """Forget which experts were used; called after each optimizer step."""

@@ -9,6 +9,7 @@ from torch import nn
 
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.layer import AdaMixBottleneck, AdaMixLayer, AdaMixLoRA, base_features
+from adamix_ds.routing import Projection
 
 # Built-in placements, by ``config.model_type``: the FFN output for bottleneck adapters (the spec's
 # single slot per layer, never the attention output), attention query and value for LoRA.
@@ -135,11 +136,20 @@ def merge_adamix(model: nn.Module, fold: bool = False) -> nn.Module:
     return model
 
 
-def set_eval_mode(model: nn.Module, eval_mode: str, eval_expert: int = 0) -> None:
-    """Switch how every AdaMix layer routes at inference (see ``AdaMixConfig.eval_mode``)."""
+def set_eval_mode(model: nn.Module, eval_mode: str, eval_expert: int = 0, eval_route: tuple[int, int] | None = None) -> None:
+    """Switch how every AdaMix layer routes at inference (see ``AdaMixConfig.eval_mode``).
+
+    ``eval_route`` picks a ``(down, up)`` pair for ``"fixed"`` (two different experts when neither
+    projection is shared); ``None`` uses ``eval_expert`` for both.
+    """
     config = AdaMixConfig.from_dict({**get_config(model).to_dict(), "eval_mode": eval_mode, "eval_expert": eval_expert})
-    for _, layer in adamix_layers(model):
-        layer.eval_mode, layer.eval_expert = config.eval_mode, config.eval_expert
+    layers = [layer for _, layer in adamix_layers(model)]
+    if eval_route is not None:
+        counts = tuple(layers[0].experts_in(p) for p in Projection) if layers else (1, 1)
+        if eval_mode != "fixed" or not all(0 <= e < n for e, n in zip(eval_route, counts, strict=True)):
+            raise ValueError(f"eval_route={eval_route} is invalid: allowed with eval_mode='fixed', a (down, up) pair below {counts}")
+    for layer in layers:
+        layer.eval_mode, layer.eval_expert, layer.eval_route = config.eval_mode, config.eval_expert, eval_route
     model.adamix_config = config
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import inspect
 import json
@@ -31,12 +30,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from adamix_ds import AdaMixConfig, add_adamix
+from adamix_ds.data import read_glue_folder
 from adamix_ds.layer import AdaMixLayer, AdaMixLoRA, base_features
+from adamix_ds.training.runtime import dist_env, usage_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / "benchmarks"
 RESULTS_DIR = BENCH_DIR / "results"
-DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
 
 # Published configs, written out so that nothing is downloaded (bert-base-uncased, roberta-large,
 # microsoft/deberta-v2-xxlarge, gpt2-medium). Encoders get a 2-class head (GLUE); GPT-2 is the causal LM
@@ -110,10 +111,12 @@ def _argument(annotation: Any) -> dict[str, Any]:
     return {"type": annotation}
 
 
-def cli(fn: Callable[..., dict[str, Any]], argv: list[str] | None = None) -> int:
+def cli(fn: Callable[..., dict[str, Any]], argv: list[str] | None = None, check: Callable[[dict[str, Any]], object] | None = None) -> int:
     """Run ``fn`` with flags made from its signature (``--name``, typed, defaults and help from the docstring).
 
-    ``fn`` returns its results; a non-empty ``results["failures"]`` is printed and makes the exit status 1.
+    ``check(arguments)`` validates the inputs first: a ``ValueError`` or ``OSError`` there is bad input, reported
+    as the launcher reports it (one line, exit 2). ``fn`` returns its results; a non-empty
+    ``results["failures"]`` is printed and makes the exit status 1.
     """
     hints = typing.get_type_hints(fn)
     helps = _docstring_args(fn)
@@ -124,7 +127,11 @@ def cli(fn: Callable[..., dict[str, Any]], argv: list[str] | None = None) -> int
         parser.add_argument(
             f"--{name.replace('_', '-')}", dest=name, default=param.default, help=helps.get(name, ""), **_argument(hints[name])
         )
-    results = fn(**vars(parser.parse_args(argv)))
+    arguments = vars(parser.parse_args(argv))
+    if check is not None:
+        with usage_errors(dist_env(), prog=Path(sys.argv[0]).name):
+            check(arguments)
+    results = fn(**arguments)
     for failure in results.get("failures", []):
         print(f"FAILED: {failure}", file=sys.stderr)
     return 1 if results.get("failures") else 0
@@ -312,15 +319,8 @@ def single_adapter_model(model: nn.Module, config: AdaMixConfig) -> nn.Module:
 
 # -- data -----------------------------------------------------------------------------------------
 def sst2_sentences(data_dir: Path, limit: int) -> tuple[list[str], list[int]]:
-    """The first ``limit`` SST-2 training sentences and labels from ``<data_dir>/glue/SST-2/train.tsv``."""
-    path = Path(data_dir) / "glue" / "SST-2" / "train.tsv"
-    if not path.is_file():
-        raise FileNotFoundError(f"SST-2 not found at {path}: pass --data-dir (the folder holding glue/SST-2)")
-    sentences, labels = [], []
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
-            sentences.append(row["sentence"])
-            labels.append(int(row["label"]))
-            if len(sentences) == limit:
-                break
-    return sentences, labels
+    """The first ``limit`` SST-2 training sentences and labels from a GLUE folder: ``glue/`` or ``glue/SST-2``,
+    the same convention as the launcher's ``--data_dir``."""
+    train, _ = read_glue_folder("sst2", data_dir)
+    rows = train.select(range(min(limit, len(train))))
+    return list(rows["sentence"]), [int(label) for label in rows["labels"]]

@@ -326,7 +326,7 @@ def run_throughput(
         inference_rounds: measured inference rounds (one forward per method per round).
         memory_steps: training steps in each peak-memory process.
         device: cpu or cuda (default: cuda when available).
-        data_dir: folder holding glue/SST-2/train.tsv.
+        data_dir: GLUE folder (glue/ or glue/SST-2), as the launcher's --data_dir.
         fast: 2 rounds of 1 step, 1 warm-up, 2 memory steps (the unit test).
         out_dir: where throughput.json and throughput.md go.
         plot_dir: where throughput.png goes.
@@ -535,4 +535,4 @@ def _exec_with_allocator_tunables() -> None:
 
 if __name__ == "__main__":
     _exec_with_allocator_tunables()
-    sys.exit(cli(run_throughput))
+    sys.exit(cli(run_throughput, check=lambda arguments: sst2_sentences(arguments["data_dir"], 1)))

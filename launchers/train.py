@@ -65,6 +65,7 @@ from adamix_ds.training import (
 )
 from adamix_ds.training.arguments import DEMO_PRESET, to_dict
 from adamix_ds.training.checkpoint import CHECKPOINTS
+from adamix_ds.training.eval_modes import EVAL_MODES_FILE, evaluate_modes, parse_eval_modes
 from adamix_ds.training.preemption import PreemptionSignal, request_requeue
 from adamix_ds.training.runtime import logger
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             logger.info(
                 "no --model_name_or_path or --task_name: the CPU demo run (%s)", ", ".join(f"{k}={v}" for k, v in DEMO_PRESET.items())
             )
+        # Verified (manifest sizes and checksums) before the model loads: a damaged file fails in seconds.
+        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         model_path = resolve_model_path(run.model.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(run.model.tokenizer_name or model_path)
         data_dir = resolve_data_dir(run.data.task_name, run.data.data_dir)
@@ -128,7 +131,6 @@ def main(argv: list[str] | None = None) -> None:
             "seed": args.seed,
             "total_steps": schedule.total_steps,
         }
-        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         state = TrainerState(layout=layout, trainable=trainable_shapes(model))
         if checkpoint is not None:
             state = TrainerState.load(checkpoint)
@@ -253,6 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     # -- The end: evaluate the merged model, keep a resumable checkpoint, save merged adapter and experts.
     if metrics.get("step") != step:
         metrics = {**evaluate_and_keep_best(step), "step": step}
+    if run.adamix.eval_modes is not None:  # every routing of the final experts, for the paper's Fig. 5
+        modes = parse_eval_modes(run.adamix.eval_modes)
+        routings = evaluate_modes(engine, data, collator, args.per_device_eval_batch_size, env, modes, run.adamix.random_draws)
+        if env.is_main:
+            (output_dir / EVAL_MODES_FILE).write_text(json.dumps(routings, indent=2) + "\n")
     if saved_step != step:
         save_checkpoint(engine, output_dir, state, args.save_total_limit)
     checkpoint_dir = output_dir / CHECKPOINTS / f"step-{step}"

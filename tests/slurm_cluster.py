@@ -128,7 +128,7 @@ class LocalSlurm:
         """Send a signal to every job step (not the batch shell), as ``--signal`` does at the time limit."""
         subprocess.run(["scancel", f"--signal={signal_name}", str(job_id)], env=self.env, check=True)
 
-    def job_field(self, job_id: int, name: str) -> str:
+    def job_field(self, job_id: int | str, name: str) -> str:
         """One ``Name=value`` field of ``scontrol show job`` (``JobState``, ``Restarts``, ...)."""
         out = subprocess.run(["scontrol", "show", "job", str(job_id)], env=self.env, capture_output=True, text=True).stdout
         for token in out.split():

@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
 from adamix_ds import AdaMixConfig, adamix_loss, add_adamix
 from adamix_ds.flops import estimate_flops
 
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, SHARED_DATA, subprocess_env
 from tiny_models import tiny_config
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
@@ -89,6 +89,24 @@ def _check_zero(results: dict, world_size: int) -> None:
     stages = {r["stage"]: r for r in rows if r["rank"] == 0}
     assert stages[3]["parameters"] < stages[0]["parameters"] / world_size * 1.05
     assert [r["gpus"] for r in results["deberta"][:3]] == [8, 16, 64]
+
+
+@pytest.mark.parametrize("data_dir", ["glue", "glue/SST-2"])
+def test_throughput_reads_the_glue_folder_as_the_launcher_does(data_dir: str) -> None:
+    from common import sst2_sentences
+
+    sentences, labels = sst2_sentences(SHARED_DATA / data_dir, 3)
+    assert sentences[0].startswith("hide new secretions") and labels == [0, 0, 1]
+
+
+def test_throughput_bad_data_dir_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "throughput.py"), "--fast", "--data-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path)],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines()[-1] == f"throughput.py: error: data_dir is not an existing folder: {tmp_path / 'nope'}"
+    assert "Traceback" not in completed.stderr and not (tmp_path / "throughput.json").exists()
 
 
 def test_zero_memory_fast_one_rank(tmp_path: Path) -> None:

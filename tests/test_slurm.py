@@ -1,5 +1,5 @@
-"""The Slurm batch script on a real one-node cluster: it trains on 2 ranks, and on the warning signal
-before the time limit it checkpoints, requeues itself and resumes to the end."""
+"""Slurm on a real one-node cluster: the batch script trains on 2 ranks, and on the warning signal before
+the time limit it checkpoints, requeues itself and resumes to the end; a sweep runs as one array job."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 
 import pytest
+import yaml
 
 from conftest import REPO_ROOT, SHARED_DATA, subprocess_env
 from slurm_cluster import LocalSlurm
@@ -79,3 +81,46 @@ def test_sbatch_trains_checkpoints_on_sigusr1_requeues_and_resumes(cluster, tmp_
     assert 0 < metrics["resumed_from_step"] < TOTAL_STEPS
     assert metrics["world_size"] == 2 and metrics["final"]["step"] == TOTAL_STEPS
     assert (output_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_sweep_submit_runs_one_array_job_that_completes_and_is_summarised(cluster, tmp_path):
+    spec = {
+        "output_root": str(tmp_path / "sweep"),
+        "args": {
+            "task_name": "rte",
+            "data_dir": str(SHARED_DATA / "glue" / "RTE"),
+            "max_train_samples": 32,
+            "max_eval_samples": 24,
+            "max_seq_length": 32,
+            "per_device_train_batch_size": 8,
+            "max_steps": 3,
+            "bottleneck_dim": 8,
+        },
+        "grid": {"method": ["adapter", "adamix"]},
+        "seeds": [1, 2],
+    }
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    sweep = [sys.executable, str(REPO_ROOT / "launchers" / "sweep.py")]
+    env = {**subprocess_env(), **cluster.env}
+    submitted = subprocess.run(
+        [*sweep, "submit", str(sweep_file), "--max_parallel", "2", "--ranks_per_node", "1", "--wait"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    logs = "\n".join(p.read_text(errors="replace")[-1500:] for p in sorted((tmp_path / "sweep" / "logs").glob("slurm-*.out")))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr + logs
+    job = int(re.search(r"submitted array job (\d+): 4 runs", submitted.stdout).group(1))
+    assert len(list((tmp_path / "sweep" / "logs").glob(f"slurm-{job}_*.out"))) == 4, logs
+    assert all(cluster.job_field(f"{job}_{i}", "JobState") == "COMPLETED" for i in range(4)), logs
+
+    summary = subprocess.run([*sweep, "summarize", str(sweep_file)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert summary.returncode == 0, summary.stderr
+    assert "4 runs, 4 complete" in summary.stdout and "| adamix | " in summary.stdout and "(n=2)" in summary.stdout
+    for seed in (1, 2):
+        metrics = json.loads((tmp_path / "sweep" / "rte" / "adamix" / f"seed-{seed}" / "metrics.json").read_text())
+        assert metrics["final"]["step"] == 3 and metrics["world_size"] == 1
+
+    # Submitting a complete sweep again is refused in one line: nothing left to run.
+    again = subprocess.run([*sweep, "submit", str(sweep_file)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.strip() == f"sweep.py: error: every run of {sweep_file} is complete: nothing to submit"

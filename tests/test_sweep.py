@@ -1,0 +1,204 @@
+"""The sweep runner (``launchers/sweep.py``): expansion and checking of sweep files, skip/resume, summary
+maths on fixtures, a real local sweep of tiny MiniLM runs with every eval mode, and ``launchers/evaluate.py``."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adamix_ds.summary import Stat, collect, summarize
+from adamix_ds.sweep import load_sweep, task_args
+
+from conftest import REPO_ROOT, SHARED_DATA, subprocess_env
+
+SWEEP = str(REPO_ROOT / "launchers" / "sweep.py")
+EVALUATE = str(REPO_ROOT / "launchers" / "evaluate.py")
+
+
+def _write(tmp_path: Path, spec: dict, name: str = "sweep.yaml") -> Path:
+    spec.setdefault("output_root", str(tmp_path / "out"))
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _spec(**overrides) -> dict:
+    spec = {
+        "args": {"task_name": "rte", "max_steps": 2},
+        "grid": {"learning_rate": [1e-3, 3e-3]},
+        "seeds": [1, 2],
+        "groups": {"adapter": {"method": "adapter"}, "adamix": {"method": "adamix", "eval_modes": "all"}},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def test_expansion_names_folders_and_flags(tmp_path):
+    sweep = load_sweep(_write(tmp_path, _spec()))
+    assert len(sweep.runs) == 8 and sweep.axes == ["group", "learning_rate"]
+    first = sweep.runs[0]
+    assert first.name == "rte/adapter/learning_rate-0.001/seed-1"
+    assert first.output_dir == tmp_path / "out" / first.name
+    assert first.cell == {"task": "rte", "group": "adapter", "learning_rate": "0.001"}
+    assert list(first.args) == [
+        "--task_name", "rte", "--max_steps", "2", "--method", "adapter", "--learning_rate", "0.001", "--seed", "1",
+        "--output_dir", str(first.output_dir),
+    ]  # fmt: skip
+    assert [r.name for r in sweep.runs[-2:]] == ["rte/adamix/learning_rate-0.003/seed-1", "rte/adamix/learning_rate-0.003/seed-2"]
+    assert "--eval_modes" in sweep.runs[-1].args and "--eval_modes" not in first.args
+    assert [r.index for r in sweep.runs] == list(range(8))
+
+
+def test_without_groups_the_method_names_the_folder_and_linked_values_set_several_flags(tmp_path):
+    spec = {
+        "args": {"max_steps": 2, "--bottleneck_dim": 8},
+        "grid": {
+            "method": ["adamix", "lora"],
+            "task_name": [{"task_name": "rte", "max_seq_length": 128}, {"task_name": "sst2", "max_seq_length": 64}],
+        },
+        "seeds": [3],
+    }
+    sweep = load_sweep(_write(tmp_path, spec))
+    assert [r.name for r in sweep.runs] == ["rte/adamix/seed-3", "sst2/adamix/seed-3", "rte/lora/seed-3", "sst2/lora/seed-3"]
+    sst2 = sweep.runs[1].args
+    assert sst2[sst2.index("--max_seq_length") + 1] == "64" and sst2[sst2.index("--bottleneck_dim") + 1] == "8"
+    assert sweep.runs[1].cell == {"task": "sst2", "group": "adamix"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"grid": {"learning_rat": [1e-3]}}, "grid.learning_rat: unknown launcher flag 'learning_rat'"),
+        ({"grid": {"learning_rate": []}}, "grid.learning_rate must be a non-empty list"),
+        ({"seeds": []}, "seeds must be a non-empty list"),
+        ({"args": {"seed": 3}}, "flag 'seed' is set by the sweep"),
+        ({"args": {"task_name": "rte", "output_dir": "x"}}, "flag 'output_dir' is set by the sweep"),
+        ({"groups": {"adamix": {"method": "adamix", "num_experts": 0}}}, "run adamix learning_rate=0.001 seed=1: num_experts=0 is invalid"),
+        ({"args": {"task_name": "nope"}}, "unknown task 'nope'"),
+        ({"grid": {"learning_rate": [1e-3, 1e-3]}}, "grid.learning_rate has repeated values"),
+        ({"groups": {"a": {"learning_rate": 1e-3}}}, "learning_rate is set by the grid and by args or a group"),
+        ({"colour": "red"}, "unknown key 'colour'"),
+    ],
+)
+def test_bad_sweep_files_fail_before_anything_runs_with_one_line(tmp_path, change, message):
+    path = _write(tmp_path, _spec(**change))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_sweep(path)
+    completed = subprocess.run([sys.executable, SWEEP, "run", str(path)], capture_output=True, text=True, env=subprocess_env())
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.strip().splitlines()[-1].startswith("sweep.py: error: ") and message.split(":")[0] in completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_launch_args_resume_a_checkpointed_run_and_restart_one_without_checkpoint(tmp_path):
+    sweep = load_sweep(_write(tmp_path, _spec()))
+    fresh, checkpointed, dead, complete = sweep.runs[:4]
+    (checkpointed.output_dir / "checkpoints").mkdir(parents=True)
+    (checkpointed.output_dir / "checkpoints" / "latest").write_text("step-2\n")
+    dead.output_dir.mkdir(parents=True)
+    (dead.output_dir / "run_config.json").write_text("{}")
+    complete.output_dir.mkdir(parents=True)
+    (complete.output_dir / "metrics.json").write_text(json.dumps({"final": {"eval_accuracy": 0.5}, "train_runtime": 1.0}))
+    assert fresh.launch_args() == list(fresh.args) == task_args(sweep, 0)
+    assert checkpointed.launch_args() == list(checkpointed.args)
+    assert dead.launch_args() == [*dead.args, "--overwrite_output_dir"]
+    assert complete.is_complete() and task_args(sweep, 3) == []
+    with pytest.raises(ValueError, match="index=8 is out of range"):
+        task_args(sweep, 8)
+
+
+def _fake_run(run, accuracy: float, best: float, runtime: float, modes: dict | None = None) -> None:
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {"final": {"eval_accuracy": accuracy, "eval_loss": 0.7, "step": 2}, "best": {"eval_accuracy": best, "step": 1}}
+    (run.output_dir / "metrics.json").write_text(json.dumps({**metrics, "train_runtime": runtime}))
+    if modes is not None:
+        (run.output_dir / "eval_modes.json").write_text(json.dumps(modes))
+
+
+def test_summary_mean_sample_std_n_and_missing_runs(tmp_path):
+    sweep = load_sweep(_write(tmp_path, _spec()))
+    runs = {r.name: r for r in sweep.runs}
+    _fake_run(runs["rte/adapter/learning_rate-0.001/seed-1"], 0.60, 0.62, 10.0)
+    _fake_run(runs["rte/adapter/learning_rate-0.001/seed-2"], 0.70, 0.71, 20.0)
+    modes = {
+        "merged": {"eval_accuracy": 0.65},
+        "fixed": [{"down": d, "up": 0, "eval_accuracy": 0.6} for d in range(4)],
+        "random": [{"draw": d, "eval_accuracy": 0.55 + 0.01 * d} for d in range(3)],
+    }
+    _fake_run(runs["rte/adamix/learning_rate-0.001/seed-1"], 0.65, 0.66, 30.0, modes)
+    (runs["rte/adamix/learning_rate-0.001/seed-2"].output_dir).mkdir(parents=True)
+    (runs["rte/adamix/learning_rate-0.001/seed-2"].output_dir / "metrics.json").write_text("{truncated")
+
+    cells = collect(sweep)
+    assert [len(c.missing) for c in cells] == [0, 2, 1, 2]
+    text = summarize(sweep)
+    # mean 65.00, sample std sqrt(((60-65)^2 + (70-65)^2) / 1) = 7.07
+    assert "| adapter learning_rate=0.001 | 65.00 ± 7.07 (n=2) | 66.50 ± 6.36 (n=2) | 15 s |" in text
+    assert "| adamix learning_rate=0.001 | 65.00 (n=1) | 66.00 (n=1) | 30 s |" in text
+    assert "`rte/adamix/learning_rate-0.001/seed-2`" in text and "`rte/adapter/learning_rate-0.003/seed-1`" in text
+    data = json.loads((sweep.output_root / "summary.json").read_text())
+    adapter = data["cells"][0]["stats"]["eval_accuracy"]
+    assert adapter["n"] == 2 and adapter["mean"] == pytest.approx(0.65) and adapter["std"] == pytest.approx(math.sqrt(0.005))
+    by_mode = data["cells"][2]["eval_modes"]
+    assert by_mode["merged"] == [0.65] and by_mode["fixed"] == [0.6] * 4 and by_mode["random"] == pytest.approx([0.55, 0.56, 0.57])
+    assert len(data["missing"]) == 5
+    rows = (sweep.output_root / "summary.csv").read_text().splitlines()
+    assert len(rows) == 9 and rows[0].startswith("name,task,group,learning_rate,seed,complete")
+    for plot in ("summary_bars.png", "summary_eval_modes.png"):
+        assert (sweep.output_root / plot).stat().st_size > 1000
+    assert Stat.of([0.5]).format(100) == "50.00 (n=1)"
+
+
+@pytest.mark.slow
+def test_real_local_sweep_skips_complete_runs_and_merged_equals_the_runs_final_eval(tmp_path):
+    spec = _spec(
+        args={
+            "task_name": "rte",
+            "data_dir": str(SHARED_DATA / "glue" / "RTE"),
+            "max_train_samples": 32,
+            "max_eval_samples": 24,
+            "max_seq_length": 32,
+            "per_device_train_batch_size": 8,
+            "max_steps": 2,
+            "bottleneck_dim": 8,
+        },
+        grid={"learning_rate": [1e-3]},
+        groups={"adapter": {"method": "adapter"}, "adamix": {"method": "adamix", "eval_modes": "all", "random_draws": 3}},
+    )
+    path = _write(tmp_path, spec)
+    command = [sys.executable, SWEEP, "run", str(path), "--launcher", "python"]
+    completed = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    progress = [line for line in completed.stdout.splitlines() if line.startswith("[")]
+    assert [line.split()[0] for line in progress] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"] and "ETA" in progress[0]
+    assert "| adamix learning_rate=0.001 |" in completed.stdout and "none" in completed.stdout.split("Missing or failed runs")[1]
+
+    again = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert again.returncode == 0 and "4 runs, 4 complete, 0 to run" in again.stdout, again.stdout + again.stderr
+
+    sweep = load_sweep(path)
+    adamix = sweep.runs[2]
+    final = json.loads(adamix.metrics_file.read_text())["final"]
+    modes = json.loads((adamix.output_dir / "eval_modes.json").read_text())
+    assert modes["merged"] == {k: v for k, v in final.items() if k.startswith("eval_")}
+    assert [(e["down"], e["up"]) for e in modes["fixed"]] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert [e["draw"] for e in modes["random"]] == [0, 1, 2] and set(modes) == {"merged", "ensemble", "fixed", "random"}
+
+    # The standalone command, from the saved experts and the run's own settings, gives the same numbers.
+    output = tmp_path / "modes.json"
+    standalone = [sys.executable, EVALUATE, "--adapter_name_or_path", str(adamix.output_dir / "experts"), "--random_draws", "3"]
+    completed = subprocess.run([*standalone, "--output_file", str(output)], capture_output=True, text=True, env=subprocess_env())
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads(output.read_text()) == modes
+
+    bad = subprocess.run([*standalone, "--eval_modes", "merged,best"], capture_output=True, text=True, env=subprocess_env())
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "evaluate.py: error: eval_modes='merged,best' is invalid: allowed 'all' or a comma-separated list of merged, random, fixed, ensemble"
+    ]
