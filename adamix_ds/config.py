@@ -114,15 +114,20 @@ class AdaMixConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> AdaMixConfig:
-        """Read ``adamix_config.json`` from ``directory``."""
+        """Read ``adamix_config.json`` from ``directory``; a ``ValueError`` naming the file when it is damaged."""
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         try:
             values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
-        return cls.from_dict(values)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} is not an AdaMix config: a JSON {type(values).__name__}, not an object of fields")
+        try:
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as error:  # TypeError: a field of the wrong JSON type
+            raise ValueError(f"{path}: {error}") from None
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

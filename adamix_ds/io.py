@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.layer import AdaMixLoRA, base_features
+from adamix_ds.manifest import has_manifest, verify_manifest, write_manifest
 from adamix_ds.model import adamix_layers, add_adamix, get_config, head_parameters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -83,7 +85,8 @@ def adapter_state_dict(model: nn.Module, merged: bool = False) -> dict[str, torc
 
 
 def save_adapter(model: nn.Module, path: str | Path, merged: bool = False) -> None:
-    """Write ``adamix_config.json`` and ``adapter_model.safetensors`` (experts and task head) to ``path``.
+    """Write ``adamix_config.json``, ``adapter_model.safetensors`` (experts and task head) and their
+    ``manifest.json`` (sizes and sha256) to ``path``.
 
     ``merged=True`` writes the merged adapter (expert averages, ``num_experts=1``) without changing the
     model; a model already merged by ``merge_adamix`` is saved as it is. Only rank 0 writes; the
@@ -100,20 +103,29 @@ def save_adapter(model: nn.Module, path: str | Path, merged: bool = False) -> No
     with atomic_directory(path) as scratch:
         config.save(scratch)
         save_file(tensors, str(scratch / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_manifest(scratch)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load an adapter saved by ``save_adapter`` into ``model`` and return it.
 
-    A model without AdaMix gets it injected from the saved config first. Loading is strict: a config
-    that decides other shapes, or a missing, unexpected or mis-shaped tensor, is a ``ValueError`` that
-    names it; nothing is loaded then.
+    A folder with ``manifest.json`` is verified against it first (a truncated, changed or missing file
+    is a ``ValueError`` naming it); one without (written by hand or by an older version) is read as it
+    is. Loading is strict: a damaged file, a config that decides other shapes, or a missing, unexpected
+    or mis-shaped tensor, is a ``ValueError`` that names it; nothing is loaded then. Only JSON and
+    safetensors are read: nothing is unpickled.
     """
     path = Path(path)
+    if has_manifest(path):
+        verify_manifest(path)
     saved = AdaMixConfig.load(path)
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
+    try:  # before the model is touched: a damaged file leaves it as it was
+        tensors = load_file(str(weights_file))
+    except SafetensorError as error:  # truncated, empty, or not a safetensors file
+        raise ValueError(f"{weights_file} is not a readable safetensors file: {error}") from None
     if getattr(model, "adamix_config", None) is None:
         add_adamix(model, saved)
     current = get_config(model)
@@ -125,17 +137,17 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if conflicts:
         raise ValueError(f"adapter at {path} does not fit this model: {'; '.join(conflicts)}")
 
-    tensors = load_file(str(weights_file))
     params = _adapter_parameters(model)
     layers = dict(adamix_layers(model))
-    expected = set(params) | {f"{name}.{EXTRA_STATE}" for name in layers}
+    extra_states = {f"{name}.{EXTRA_STATE}": layer.get_extra_state() for name, layer in layers.items()}
+    expected = set(params) | set(extra_states)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(f"adapter at {path} does not match the model: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     with gathered(list(params.values()), modifier_rank=0):
         wrong = [
             f"{k}: {tuple(tensors[k].shape)} in the file, {tuple(p.shape)} in the model"
-            for k, p in params.items()
+            for k, p in {**params, **extra_states}.items()
             if tensors[k].shape != p.shape
         ]
         if wrong:

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import time
 
 # CPU ranks share a few cores with each other and with whatever else runs. OpenMP threads that spin while
@@ -64,7 +65,7 @@ from adamix_ds.training import (
     zero_stage,
 )
 from adamix_ds.training.arguments import DEMO_PRESET, to_dict
-from adamix_ds.training.checkpoint import CHECKPOINTS
+from adamix_ds.training.checkpoint import CHECKPOINTS, CheckpointSaveError
 from adamix_ds.training.eval_modes import EVAL_MODES_FILE, evaluate_modes, parse_eval_modes
 from adamix_ds.training.preemption import PreemptionSignal, request_requeue
 from adamix_ds.training.runtime import logger
@@ -302,4 +303,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointSaveError:  # rank 0 logged the one line that says why; no traceback per rank
+        sys.exit(1)

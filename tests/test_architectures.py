@@ -122,6 +122,7 @@ def test_loading_into_other_shapes_fails_with_a_clear_error(tmp_path):
 def test_loading_is_strict_about_keys_and_shapes(tmp_path):
     model = adamix_model("bert", "bottleneck")
     save_adapter(model, tmp_path / "a")
+    (tmp_path / "a" / "manifest.json").unlink()  # edited by hand below: the strict key and shape checks still hold
     tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     key = "bert.encoder.layer.1.output.dense.down_weight"
 
@@ -154,7 +155,7 @@ def test_adapter_from_another_architecture_is_rejected(tmp_path):
 def test_save_writes_config_and_nothing_half_written(tmp_path):
     model = adamix_model("gpt2", "lora")
     save_adapter(model, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adamix_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adamix_config.json", "adapter_model.safetensors", "manifest.json"]
     assert json.loads((tmp_path / "out" / "adamix_config.json").read_text())["adapter_type"] == "lora"
     merge_adamix(model, fold=True)
     with pytest.raises(ValueError, match="folded"):

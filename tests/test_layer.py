@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adamix_ds import AdaMixBottleneck, AdaMixConfig, AdaMixLoRA, choose_expert
+from adamix_ds import AdaMixBottleneck, AdaMixConfig, AdaMixLoRA, add_adamix, choose_expert, set_eval_mode
+from adamix_ds.model import adamix_layers
 from adamix_ds.routing import Projection, Stream
+
+from tiny_models import tiny_classifier
 
 HIDDEN, RANK, EXPERTS = 24, 6, 4
 
@@ -35,7 +39,8 @@ def lora(out_slices=None, **overrides) -> AdaMixLoRA:
 
 def plain_adapter(layer: AdaMixBottleneck, down: int, up: int) -> nn.Module:
     """An ordinary single adapter (no experts) holding copies of the chosen experts."""
-    down_proj, up_proj = nn.Linear(HIDDEN, RANK), nn.Linear(RANK, HIDDEN)
+    rank, hidden = layer.down_weight.shape[1:]
+    down_proj, up_proj = nn.Linear(hidden, rank), nn.Linear(rank, hidden)
     with torch.no_grad():
         down_proj.weight.copy_(layer.down_weight[down])
         down_proj.bias.copy_(layer.down_bias[down])
@@ -107,6 +112,24 @@ def test_fixed_mode_uses_the_named_expert_and_the_shared_up_projection():
     h = layer.base_layer(x)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), h + plain_adapter(layer, 2, 0)(h))
+
+
+def test_fixed_route_picks_a_down_up_pair_when_neither_projection_is_shared():
+    model = tiny_classifier("bert")
+    add_adamix(model, AdaMixConfig(bottleneck_dim=RANK, num_experts=EXPERTS, share_up=False))
+    model.eval()
+    set_eval_mode(model, "fixed", eval_route=(1, 3))
+    layer = next(layer for _, layer in adamix_layers(model))
+    assert layer.fixed_route() == (1, 3)
+    x = torch.randn(2, 3, layer.base_layer.in_features)
+    h = layer.base_layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), h + plain_adapter(layer, 1, 3)(h))
+    set_eval_mode(model, "fixed", eval_expert=2)
+    assert layer.fixed_route() == (2, 2)
+    for route, mode in (((0, EXPERTS), "fixed"), ((0, 0), "merged")):
+        with pytest.raises(ValueError, match=r"eval_route=\(0, \d\) is invalid"):
+            set_eval_mode(model, mode, eval_route=route)
 
 
 def test_random_eval_mode_draws_from_its_own_stream():

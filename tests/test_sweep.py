@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,7 +177,7 @@ def test_real_local_sweep_skips_complete_runs_and_merged_equals_the_runs_final_e
     command = [sys.executable, SWEEP, "run", str(path), "--launcher", "python"]
     completed = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    progress = [line for line in completed.stdout.splitlines() if line.startswith("[")]
+    progress = [line for line in completed.stdout.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
     assert [line.split()[0] for line in progress] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"] and "ETA" in progress[0]
     assert "| adamix learning_rate=0.001 |" in completed.stdout and "none" in completed.stdout.split("Missing or failed runs")[1]
 
@@ -191,6 +192,25 @@ def test_real_local_sweep_skips_complete_runs_and_merged_equals_the_runs_final_e
     assert [(e["down"], e["up"]) for e in modes["fixed"]] == [(0, 0), (1, 0), (2, 0), (3, 0)]
     assert [e["draw"] for e in modes["random"]] == [0, 1, 2] and set(modes) == {"merged", "ensemble", "fixed", "random"}
 
+    # A launcher run that evaluates with one routing trains the same experts and scores what the all-modes
+    # evaluation scored for that routing (its only evaluation is the first: random draw 0).
+    for mode, expected in (
+        (["--eval_mode", "fixed", "--eval_expert", "2"], modes["fixed"][2]),
+        (["--eval_mode", "random"], modes["random"][0]),
+    ):
+        single = tmp_path / "single" / mode[1]
+        args = list(adamix.args)
+        del args[args.index("--eval_modes") : args.index("--eval_modes") + 2]
+        args[args.index("--output_dir") + 1] = str(single)
+        completed = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "launchers" / "train.py"), *args, *mode], capture_output=True, text=True, env=subprocess_env()
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        final_single = json.loads((single / "metrics.json").read_text())["final"]
+        assert {k: v for k, v in final_single.items() if k.startswith("eval_")} == {
+            k: v for k, v in expected.items() if k.startswith("eval_")
+        }
+
     # The standalone command, from the saved experts and the run's own settings, gives the same numbers.
     output = tmp_path / "modes.json"
     standalone = [sys.executable, EVALUATE, "--adapter_name_or_path", str(adamix.output_dir / "experts"), "--random_draws", "3"]
@@ -202,3 +222,9 @@ def test_real_local_sweep_skips_complete_runs_and_merged_equals_the_runs_final_e
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "evaluate.py: error: eval_modes='merged,best' is invalid: allowed 'all' or a comma-separated list of merged, random, fixed, ensemble"
     ]
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "launchers" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_expand_and_pass_the_launchers_checks(path):
+    sweep = load_sweep(path)
+    assert sweep.runs and len({r.name for r in sweep.runs}) == len(sweep.runs)

@@ -101,6 +101,7 @@ class AdaMixArguments:
     eval_mode: Literal["merged", "random", "fixed", "ensemble"] = field(
         default="merged", metadata={"help": "Routing at evaluation: merged (averaged experts, the paper), random, fixed or ensemble."}
     )
+    eval_expert: int = field(default=0, metadata={"help": "The expert of every projection that --eval_mode fixed uses."})
     eval_modes: str | None = field(
         default=None,
         metadata={
@@ -311,6 +312,7 @@ def adamix_config(run: RunArguments) -> AdaMixConfig | None:
         share_down=adamix.share_down,
         consistency_weight=adamix.consistency_weight,
         eval_mode=adamix.eval_mode,
+        eval_expert=adamix.eval_expert,
         seed=run.training.seed,
     )
 

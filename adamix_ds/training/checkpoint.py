@@ -4,9 +4,13 @@ Layout under ``output_dir``::
 
     checkpoints/step-<N>/      DeepSpeed files: trainable weights, routing counters, optimizer, lr schedule
     checkpoints/step-<N>/trainer_state.json   step, best metric, and the run layout resumption needs
+    checkpoints/step-<N>/manifest.json        size and sha256 of every file of the checkpoint
     checkpoints/latest         name of the newest complete checkpoint (written last)
 
-A checkpoint counts once ``latest`` names it: a run killed while saving resumes from the previous one.
+A checkpoint is written into a hidden scratch folder, gets its manifest, is renamed to ``step-<N>``, and
+only then does ``latest`` name it: a run killed or failing while saving resumes from the previous one.
+Resuming verifies the manifest first; a damaged newest checkpoint is skipped for the newest one that
+verifies. Checkpoints are pickles (DeepSpeed's format): load them only from sources you trust.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from adamix_ds.io import atomic_directory, gathered, save_adapter
+from adamix_ds.manifest import MANIFEST_NAME, verify_manifest, write_manifest
+from adamix_ds.training.runtime import dist_env, logger
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -33,6 +40,15 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 _TAG = re.compile(r"step-(\d+)")
+SCRATCH_GLOB = ".step-*.partial"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written on some rank (disk full, permission lost); raised on every rank.
+
+    Rank 0 has already logged the one line that names the rank and file that failed (the message);
+    earlier checkpoints and ``latest`` are as they were.
+    """
 
 
 @dataclass
@@ -59,7 +75,7 @@ class TrainerState:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
             raise FileNotFoundError(f"{checkpoint} is not a checkpoint of this launcher: no {STATE_FILE}") from None
-        except (json.JSONDecodeError, TypeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
             raise ValueError(f"{path} is malformed: {error}") from None
 
 
@@ -73,25 +89,75 @@ def find_checkpoint(output_dir: Path, resume_from_checkpoint: str | None, overwr
     ``latest``), else the newest one in ``output_dir`` unless ``--overwrite_output_dir``; ``None`` for a fresh
     start. A non-empty ``output_dir`` with nothing to resume is refused (``ValueError``) without
     ``--overwrite_output_dir``, so an earlier run is never silently mixed with a new one.
+
+    Every checkpoint is verified against its manifest first. A ``--resume_from_checkpoint`` that fails is a
+    ``ValueError`` naming the file and what is wrong; the automatic resume skips a damaged newest checkpoint
+    with a one-line warning and takes the newest one that verifies (``ValueError`` when none does).
     """
     if resume_from_checkpoint is not None:
         path = Path(resume_from_checkpoint)
         for candidate in (path, path / CHECKPOINTS):
-            if (candidate / STATE_FILE).is_file():
+            if _TAG.fullmatch(candidate.name) or (candidate / MANIFEST_NAME).is_file() or (candidate / STATE_FILE).is_file():
+                _verify_checkpoint(candidate)
                 return candidate
             if (candidate / LATEST).is_file():
-                return candidate / (candidate / LATEST).read_text().strip()
+                checkpoint = candidate / _latest_tag(candidate)
+                _verify_checkpoint(checkpoint)
+                return checkpoint
         raise FileNotFoundError(f"resume_from_checkpoint={resume_from_checkpoint}: no checkpoint there (no {STATE_FILE} or {LATEST})")
     if overwrite_output_dir:
         return None
-    latest = output_dir / CHECKPOINTS / LATEST
-    if latest.is_file():
-        return latest.parent / latest.read_text().strip()
+    root = output_dir / CHECKPOINTS
+    if (root / LATEST).is_file():
+        return _newest_verified(root)
     if output_dir.is_dir() and any(output_dir.iterdir()):
         raise ValueError(
             f"output_dir={output_dir} is not empty and has no checkpoint to resume: pass --overwrite_output_dir to start afresh"
         )
     return None
+
+
+def _latest_tag(root: Path) -> str:
+    """The checkpoint name in ``root/latest``; ``ValueError`` when the file does not hold one."""
+    latest = root / LATEST
+    try:
+        tag = latest.read_text().strip()
+    except UnicodeDecodeError:
+        tag = None
+    if tag is None or not _TAG.fullmatch(tag):
+        raise ValueError(f"{latest} is damaged: it does not name a step-N checkpoint")
+    return tag
+
+
+def _verify_checkpoint(checkpoint: Path) -> None:
+    """``ValueError`` naming the file of ``checkpoint`` that is missing, truncated or fails its checksum."""
+    if not checkpoint.is_dir():
+        raise ValueError(f"checkpoint {checkpoint} is missing")
+    try:
+        verify_manifest(checkpoint)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {checkpoint} is damaged: {error}") from None
+
+
+def _newest_verified(root: Path) -> Path:
+    """The checkpoint ``latest`` names if it verifies, else the newest ``step-N`` folder that does."""
+    problems, candidates = [], []
+    try:
+        candidates.append(root / _latest_tag(root))
+    except ValueError as error:
+        problems.append(str(error))
+    steps = sorted((int(m.group(1)), path) for path in root.iterdir() if (m := _TAG.fullmatch(path.name)))
+    candidates += [path for _, path in reversed(steps) if path not in candidates]
+    for candidate in candidates:
+        try:
+            _verify_checkpoint(candidate)
+        except ValueError as error:
+            problems.append(str(error))
+            continue
+        if problems and dist_env().is_main:  # every rank verifies the same files; one line is enough
+            logger.warning("%s: resuming from %s instead", "; ".join(problems), candidate.name)
+        return candidate
+    raise ValueError(f"no checkpoint in {root} verifies: {'; '.join(problems)}")
 
 
 def check_resumable(checkpoint: Path, state: TrainerState, layout: dict[str, Any], trainable: dict[str, list[int]]) -> None:
@@ -115,21 +181,104 @@ def save_checkpoint(engine: DeepSpeedEngine, output_dir: Path, state: TrainerSta
     """Save a resumable checkpoint of step ``state.global_step`` on all ranks; return its folder.
 
     Frozen backbone weights are left out (they are reloaded from the pretrained model); DeepSpeed keeps
-    the modules' extra state, which carries the AdaMix routing counters.
+    the modules' extra state, which carries the AdaMix routing counters. The files go to a hidden scratch
+    folder; rank 0 adds ``trainer_state.json`` and the manifest, renames it to ``step-N`` and then moves
+    ``latest``. When a write fails on any rank (disk full, permission lost), the scratch folder is removed,
+    earlier checkpoints and ``latest`` stay as they were, rank 0 logs one line and every rank raises
+    ``CheckpointSaveError``.
     """
     root = output_dir / CHECKPOINTS
     tag = f"step-{state.global_step}"
-    engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True, save_latest=False)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        _write_atomic(root / tag / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2) + "\n")
-        _write_atomic(root / LATEST, tag + "\n")
-        if save_total_limit is not None:
-            steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := _TAG.fullmatch(p.name)))
-            for step in steps[:-save_total_limit]:
-                shutil.rmtree(root / f"step-{step}", ignore_errors=True)
-    dist.barrier()
+    scratch = root / f".{tag}.partial"
+    is_main = dist.get_rank() == 0
+    failure = _first_failure(_attempt(_clear_scratch, root) if is_main else None)
+    if failure is None:
+        failure = _first_failure(_save_deepspeed_files(engine, root, scratch.name))
+    if failure is None:
+        failure = _first_failure(_attempt(_commit, scratch, root / tag, state, save_total_limit) if is_main else None)
+    if failure is not None:
+        if is_main:
+            free = shutil.disk_usage(root).free if root.is_dir() else 0
+            shutil.rmtree(scratch, ignore_errors=True)
+            logger.error(
+                "could not save checkpoint %s: %s (%d bytes were free there); the earlier checkpoints and %s are unchanged",
+                root / tag,
+                failure,
+                free,
+                LATEST,
+            )
+        raise CheckpointSaveError(failure)
     return root / tag
+
+
+def _attempt(function: Callable[..., object], *args: object) -> str | None:
+    """Run ``function`` and return its ``OSError`` as one line instead of raising it."""
+    try:
+        function(*args)
+    except OSError as error:
+        return " ".join(str(error).split())
+    return None
+
+
+def _first_failure(failure: str | None) -> str | None:
+    """The first rank's failure (with its rank), ``None`` when every rank succeeded; called on all ranks."""
+    failures: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    return next((f"rank {rank}: {message}" for rank, message in enumerate(failures) if message is not None), None)
+
+
+def _clear_scratch(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(SCRATCH_GLOB):  # left by a run killed while saving
+        shutil.rmtree(stale)
+
+
+def _save_deepspeed_files(engine: DeepSpeedEngine, root: Path, tag: str) -> str | None:
+    """DeepSpeed's ``save_checkpoint`` into ``root/tag``; this rank's first failed write, or ``None``.
+
+    DeepSpeed's save runs collectives between and after its writes: a rank that raised out of it would
+    leave the others waiting. The writes (torch.save of each state file, the copy of its recovery scripts)
+    record their error instead of raising, so every rank runs the same collectives and the ranks then
+    decide together.
+    """
+    failures: list[str] = []
+
+    def recording(write: Callable[..., object]) -> Callable[..., None]:
+        def call(*args: object, **kwargs: object) -> None:
+            try:
+                write(*args, **kwargs)
+            except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+                target = kwargs.get("path") or args[-1]  # both writers take the path last
+                failures.append(f"writing {target} failed: {' '.join(str(error).split())}")
+
+        return call
+
+    writers = [
+        (owner, name, getattr(owner, name)) for owner, name in ((engine.checkpoint_engine, "save"), (engine, "_copy_recovery_script"))
+    ]
+    for owner, name, write in writers:
+        setattr(owner, name, recording(write))
+    try:
+        engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True, save_latest=False)
+    finally:
+        for owner, name, write in writers:
+            setattr(owner, name, write)
+    return failures[0] if failures else None
+
+
+def _commit(scratch: Path, checkpoint: Path, state: TrainerState, save_total_limit: int | None) -> None:
+    """On rank 0: complete the scratch folder, move it to ``checkpoint``, point ``latest`` at it, prune."""
+    (scratch / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n")
+    write_manifest(scratch)
+    if checkpoint.exists():  # a damaged or abandoned checkpoint of this step: the run resumed before it
+        shutil.rmtree(checkpoint)
+    os.replace(scratch, checkpoint)
+    root = checkpoint.parent
+    _write_atomic(root / LATEST, checkpoint.name + "\n")
+    if save_total_limit is not None:
+        steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := _TAG.fullmatch(p.name)))
+        for step in steps[:-save_total_limit]:
+            shutil.rmtree(root / f"step-{step}", ignore_errors=True)
 
 
 def load_checkpoint(engine: DeepSpeedEngine, checkpoint: Path) -> None:
@@ -163,5 +312,8 @@ def directory_bytes(path: Path) -> int:
 
 def _write_atomic(path: Path, text: str) -> None:
     scratch = path.with_name(f".{path.name}.tmp")
-    scratch.write_text(text)
-    os.replace(scratch, path)
+    try:
+        scratch.write_text(text)
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)  # left only when the write failed

@@ -57,7 +57,9 @@ def run_values(args: TrainingArguments, world_size: int, schedule: TrainSchedule
         "bf16.enabled": args.bf16,
         "fp16.enabled": args.fp16,
         "tensorboard.output_path": str(Path(args.output_dir) / "runs"),
-        "tensorboard.job_name": job_name,
+        # DeepSpeed drops every config value equal to "auto" (its placeholder for Hugging Face): a run named
+        # auto would log to runs/DeepSpeedJobName. "auto/" names the same folder, runs/auto.
+        "tensorboard.job_name": f"{job_name}/" if job_name == AUTO else job_name,
     }
 
 
@@ -115,7 +117,10 @@ def build_ds_config(path: str | Path, args: TrainingArguments, world_size: int, 
         )
     _check_train_batch_size(path, config.get("train_batch_size", AUTO), args, world_size)
 
-    for key, value in run_values(args, world_size, schedule, job_name).items():
+    values = run_values(args, world_size, schedule, job_name)
+    # Placeholders are read from the file before filling: a value the flags wrote is never taken for one.
+    unfilled = sorted(set(_auto_keys(config)) - set(values))
+    for key, value in values.items():
         *parents, leaf = key.split(".")
         section = config
         for parent in parents:
@@ -130,10 +135,9 @@ def build_ds_config(path: str | Path, args: TrainingArguments, world_size: int, 
                 f"{path}: {key}={json.dumps(current)} contradicts {FLAGS.get(key, 'the flags')} (which give {json.dumps(value)}); "
                 f'write "auto" in the file to take the flag'
             )
-    leftover = sorted(_auto_keys(config))
-    if leftover:
+    if unfilled:
         raise ValueError(
-            f'{path}: {leftover[0]}="auto" has no flag to fill it (the keys the flags fill are listed in adamix_ds/training/ds_config.py)'
+            f'{path}: {unfilled[0]}="auto" has no flag to fill it (the keys the flags fill are listed in adamix_ds/training/ds_config.py)'
         )
     _validate_with_deepspeed(path, config)
     return config
