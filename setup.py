@@ -12,7 +12,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.15",
-        "deepspeed>=0.16,<0.20",
+        # 0.19.3: the first release with both frozen-backbone fixes this project needs (bf16 + ZeRO-0 memory, 0.19.2;
+        # activation checkpointing with frozen parameters under ZeRO-3, 0.19.3). Tested: 0.19.8.
+        "deepspeed>=0.19.3,<0.20",
         "transformers>=4.46,<6",
         "datasets>=3.0,<6",
         "safetensors>=0.4",
@@ -23,6 +25,8 @@ setup(
         "tqdm>=4.66",
         "pyyaml>=6.0",
         "matplotlib>=3.8",
+        # Reads GGUF checkpoints (--model_name_or_path model.gguf; transformers' GGUF loader). Tested: 0.19.0.
+        "gguf>=0.10",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.13,<0.22", "psutil>=5.9", "ruff>=0.6"],

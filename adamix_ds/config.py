@@ -32,7 +32,8 @@ class AdaMixConfig:
         lora_dropout: dropout on the LoRA input.
         target_modules: regular expressions matched against the end of module names (at a ``.``
             boundary); ``None`` uses the built-in placement of the architecture.
-        modules_to_save: task-head modules left trainable and saved with the adapter; ``None`` uses the
+        modules_to_save: task-head modules (or single parameters, like an LM head's output bias) left
+            trainable and saved with the adapter; ``None`` uses the
             architecture's head (``classifier``, ``score``, DeBERTa's fresh ``pooler``).
         consistency_weight: weight ``w`` of the symmetric-KL consistency loss; 0 disables the second pass.
         eval_mode: routing at inference: ``"merged"`` (averaged experts), ``"random"``, ``"fixed"``

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,19 @@ class AdaMixLoss:
     logits: torch.Tensor
 
 
+class Objective(Protocol):
+    """Which logits a task compares and how it scores them, when that is not the model's own ``loss`` and
+    ``logits`` (prompt-based classification: the LM head's logits of the label words at the mask)."""
+
+    def logits(self, model: Callable[..., object], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, C]`` logits of the batch ``inputs`` (no labels) through ``model``."""
+        ...
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The task loss of ``logits`` against ``labels``."""
+        ...
+
+
 @contextlib.contextmanager
 def stacked_passes(model: nn.Module, passes: int) -> Iterator[None]:
     """Inside the block, one training forward of ``passes`` stacked copies of a batch is ``passes``
@@ -59,7 +73,9 @@ def stacked_passes(model: nn.Module, passes: int) -> Iterator[None]:
             layer.passes = 1
 
 
-def adamix_loss(model: Callable[..., object], batch: Mapping[str, torch.Tensor], consistency_weight: float) -> AdaMixLoss:
+def adamix_loss(
+    model: Callable[..., object], batch: Mapping[str, torch.Tensor], consistency_weight: float, objective: Objective | None = None
+) -> AdaMixLoss:
     """Run the AdaMix training passes on ``batch`` and return task loss + weighted consistency loss.
 
     ``model`` is a Hugging Face model (or a DeepSpeed engine around one) whose output has ``loss`` and
@@ -69,8 +85,12 @@ def adamix_loss(model: Callable[..., object], batch: Mapping[str, torch.Tensor],
     labels are ignored with -100). A single pass runs when the term cannot matter:
     ``consistency_weight == 0`` or float labels (regression: a one-logit softmax is constant). For 3-D
     logits with ``labels`` (causal LM), the KL is taken at target tokens only, aligned with the model's
-    shifted loss.
+    shifted loss. With an ``objective``, its ``logits`` of the stacked batch are compared and its ``loss``
+    of pass 1 is the task loss; the second pass then also runs for float labels (a regression task scored
+    through several logits, as prompt-based STS-B is).
     """
+    if objective is not None:
+        return _objective_loss(model, batch, consistency_weight, objective)
     labels = batch.get("labels")
     if consistency_weight == 0 or (labels is not None and labels.is_floating_point()):
         out = model(**batch)
@@ -87,3 +107,21 @@ def adamix_loss(model: Callable[..., object], batch: Mapping[str, torch.Tensor],
         mask = labels[:, 1:] != -100
     consistency = consistency_loss(logits_a, logits_b, mask)
     return AdaMixLoss(out.loss + consistency_weight * consistency, out.loss.detach(), consistency.detach(), first)
+
+
+def _objective_loss(
+    model: Callable[..., object], batch: Mapping[str, torch.Tensor], consistency_weight: float, objective: Objective
+) -> AdaMixLoss:
+    labels = batch["labels"]
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    if consistency_weight == 0:
+        logits = objective.logits(model, inputs)
+        loss = objective.loss(logits, labels)
+        return AdaMixLoss(loss, loss.detach(), loss.new_zeros(()), logits)
+    stacked = {key: torch.cat([value, value]) for key, value in inputs.items()}
+    with stacked_passes(getattr(model, "module", model), 2):
+        logits = objective.logits(model, stacked)
+    first, second = logits.chunk(2)
+    task_loss = objective.loss(first, labels)
+    consistency = consistency_loss(first, second)
+    return AdaMixLoss(task_loss + consistency_weight * consistency, task_loss.detach(), consistency.detach(), first)

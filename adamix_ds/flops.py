@@ -83,12 +83,21 @@ def _bottleneck(ledger: _Ledger, rows: int, d: int, rank: int, input_grad: bool)
 
 
 def _relative_attention(
-    ledger: _Ledger, config: PretrainedConfig, batch: int, seq: int, d: int, lora_rank: int | None, q_grad: bool, k_grad: bool
+    ledger: _Ledger,
+    config: PretrainedConfig,
+    batch: int,
+    seq: int,
+    d: int,
+    lora_rank: int | None,
+    q_grad: bool,
+    k_grad: bool,
+    passes: int = 1,
 ) -> bool:
     """DeBERTa-v2's disentangled terms; returns whether they carry a gradient into the scores.
 
     The relative embeddings (``2 * span`` rows, frozen) are projected once per layer and batch, by the
     layer's own query/key projections when ``share_att_key`` (LoRA included), else by separate frozen ones.
+    With LoRA on the shared projections, ``passes`` stacked passes project them once each, with their own experts.
     """
     types = config.pos_att_type or []
     types = types.split("|") if isinstance(types, str) else types
@@ -98,11 +107,12 @@ def _relative_attention(
     rows = 2 * span
     pos_q_grad = pos_k_grad = False
     if config.share_att_key:
-        ledger.frozen(2 * rows * d * d, False)  # query_proj(rel)
-        if lora_rank is not None:
-            _lora(ledger, rows, d, lora_rank, [d], False)
-            pos_q_grad = True
-        ledger.frozen(2 * rows * d * d, False)  # key_proj(rel)
+        for _ in range(passes if lora_rank is not None else 1):
+            ledger.frozen(2 * rows * d * d, False)  # query_proj(rel)
+            if lora_rank is not None:
+                _lora(ledger, rows, d, lora_rank, [d], False)
+                pos_q_grad = True
+            ledger.frozen(2 * rows * d * d, False)  # key_proj(rel)
     else:
         for kind in ("c2p", "p2c"):
             if kind in types:
@@ -127,7 +137,8 @@ def estimate_flops(model_config: PretrainedConfig, adamix_config: AdaMixConfig, 
 
     The consistency step is what ``adamix_loss`` runs: one pass over the batch stacked twice. Every
     per-token product doubles; products made once per forward (DeBERTa-v2's projections of its relative
-    position embeddings) do not, so there the step costs less than two routed passes.
+    position embeddings) do not, so there the step costs less than two routed passes (except with LoRA on
+    its shared query/key projections: each pass then projects the positions with its own experts).
     """
     arch = model_config.model_type
     if arch not in (*ENCODERS, "gpt2"):
@@ -137,7 +148,7 @@ def estimate_flops(model_config: PretrainedConfig, adamix_config: AdaMixConfig, 
     tokens = batch_size * seq_len
     routed = _pass(model_config, adamix_config, batch_size, seq_len)
     consistency = adamix_config.consistency_weight > 0 and (arch == "gpt2" or model_config.num_labels > 1)
-    step = _pass(model_config, adamix_config, 2 * batch_size, seq_len) if consistency else routed
+    step = _pass(model_config, adamix_config, 2 * batch_size, seq_len, passes=2) if consistency else routed
     return FlopEstimate(
         forward=routed.forward / tokens,
         routed_step=routed.train / tokens,
@@ -146,8 +157,9 @@ def estimate_flops(model_config: PretrainedConfig, adamix_config: AdaMixConfig, 
     )
 
 
-def _pass(model_config: PretrainedConfig, adamix_config: AdaMixConfig, batch: int, seq: int) -> _Ledger:
-    """The products of one training pass (one expert per projection) over ``batch`` sequences of ``seq`` tokens."""
+def _pass(model_config: PretrainedConfig, adamix_config: AdaMixConfig, batch: int, seq: int, passes: int = 1) -> _Ledger:
+    """The products of one training forward + backward over ``batch`` sequences of ``seq`` tokens, ``passes``
+    routed passes stacked in it (one expert per projection and pass)."""
     arch = model_config.model_type
     rank = adamix_config.bottleneck_dim
     tokens = batch * seq
@@ -176,7 +188,7 @@ def _pass(model_config: PretrainedConfig, adamix_config: AdaMixConfig, batch: in
         ledger.product(2 * batch * seq * seq * d, int(q_grad) + int(k_grad))  # Q K^T over all heads
         probs_grad = q_grad or k_grad
         if arch == "deberta-v2" and model_config.relative_attention:
-            probs_grad |= _relative_attention(ledger, model_config, batch, seq, d, rank if lora else None, q_grad, k_grad)
+            probs_grad |= _relative_attention(ledger, model_config, batch, seq, d, rank if lora else None, q_grad, k_grad, passes)
         ledger.product(2 * batch * seq * seq * d, int(probs_grad) + int(v_grad))  # softmax(.) V
         context_grad = probs_grad or v_grad
         ledger.frozen(2 * tokens * d * d, context_grad)  # attention output projection

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,9 @@ from adamix_ds.manifest import has_manifest, verify_manifest, write_manifest
 from adamix_ds.model import adamix_layers, add_adamix, get_config, head_parameters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+# How the adapter's task reads its inputs (a prompt family's template and label words), so that evaluating
+# the adapter later reproduces them; written when the model carries ``adamix_task``.
+TASK_NAME = "task.json"
 EXTRA_STATE = "_extra_state"
 # Config fields that decide tensor shapes: a mismatch is reported by name before any key is compared.
 SHAPE_FIELDS = ("adapter_type", "bottleneck_dim", "num_experts", "share_up", "share_down")
@@ -85,8 +90,9 @@ def adapter_state_dict(model: nn.Module, merged: bool = False) -> dict[str, torc
 
 
 def save_adapter(model: nn.Module, path: str | Path, merged: bool = False) -> None:
-    """Write ``adamix_config.json``, ``adapter_model.safetensors`` (experts and task head) and their
-    ``manifest.json`` (sizes and sha256) to ``path``.
+    """Write ``adamix_config.json``, ``adapter_model.safetensors`` (experts and task head), ``task.json``
+    when the model carries a task record (``model.adamix_task``: a prompt's template and label words) and
+    their ``manifest.json`` (sizes and sha256) to ``path``.
 
     ``merged=True`` writes the merged adapter (expert averages, ``num_experts=1``) without changing the
     model; a model already merged by ``merge_adamix`` is saved as it is. Only rank 0 writes; the
@@ -102,6 +108,9 @@ def save_adapter(model: nn.Module, path: str | Path, merged: bool = False) -> No
         return
     with atomic_directory(path) as scratch:
         config.save(scratch)
+        task = getattr(model, "adamix_task", None)
+        if task is not None:
+            (scratch / TASK_NAME).write_text(json.dumps(task, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(scratch / WEIGHTS_NAME), metadata={"format": "pt"})
         write_manifest(scratch)
 
@@ -113,12 +122,14 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     is a ``ValueError`` naming it); one without (written by hand or by an older version) is read as it
     is. Loading is strict: a damaged file, a config that decides other shapes, or a missing, unexpected
     or mis-shaped tensor, is a ``ValueError`` that names it; nothing is loaded then. Only JSON and
-    safetensors are read: nothing is unpickled.
+    safetensors are read: nothing is unpickled. The adapter's task record (``read_task_record``) becomes
+    ``model.adamix_task``, so that saving the model again keeps it.
     """
     path = Path(path)
     if has_manifest(path):
         verify_manifest(path)
     saved = AdaMixConfig.load(path)
+    task = read_task_record(path)
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
@@ -157,7 +168,32 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
                 param.copy_(tensors[key])
     for name, layer in layers.items():
         layer.set_extra_state(tensors[f"{name}.{EXTRA_STATE}"])
+    if task is not None:
+        model.adamix_task = task
     return model
+
+
+def read_task_record(path: str | Path) -> dict[str, Any] | None:
+    """The task record (``task.json``) of the adapter folder ``path``, ``None`` when it has none (a
+    classification adapter); ``ValueError`` naming the file when it is not a JSON object."""
+    file = Path(path) / TASK_NAME
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not valid JSON: {error}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{file} is not a task record: a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def _is_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def export_peft(model: nn.Module, path: str | Path) -> None:
@@ -174,6 +210,12 @@ def export_peft(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"export_peft needs adapter_type='lora', got adapter_type={config.adapter_type!r}")
     if getattr(model, "adamix_folded", False):
         raise ValueError("the adapter was folded into the backbone weights (merge_adamix(fold=True)): nothing left to export")
+    single = [head for head in getattr(model, "adamix_head_modules", []) if not _is_module(model, head)]
+    if single:  # an MLM head's output bias, trained by prompt-based runs with --train_lm_head transform
+        raise ValueError(
+            f"export_peft: the trained head includes the single parameter {single[0]!r}, which PEFT's modules_to_save cannot "
+            "hold (it saves whole modules): train with --train_lm_head none to export"
+        )
     merged = adapter_state_dict(model, merged=True)
     tensors: dict[str, torch.Tensor] = {}
     slice_counts, fan_in_fan_out = set(), set()

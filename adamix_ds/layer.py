@@ -55,6 +55,11 @@ class AdaMixLayer(nn.Module):
         self.passes = 1
         # Experts used by training passes since the last optimizer step (see adamix_ds.optim).
         self.routed: dict[Projection, set[int]] = {p: set() for p in Projection}
+        # Inside a pass scope (begin_pass .. end_pass): [] until the first call routes, then that call's routes,
+        # which later calls of the same pass reuse. None outside a scope: every call routes.
+        self.pass_routes: list[tuple[int, int]] | None = None
+        # Which stacked pass a one-row input shared by all passes is computed for (see PerPassPositionBias).
+        self.shared_pass: int | None = None
         self._merged_cache: tuple[tuple, Weights] | None = None
 
     # -- parameters -------------------------------------------------------------------------------
@@ -106,9 +111,10 @@ class AdaMixLayer(nn.Module):
 
     def _routed_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Training forward: each of the ``passes`` batch chunks is one routed pass, drawn exactly as
-        that many consecutive calls would draw; an activation-checkpoint recompute reuses its forward's routes."""
+        that many consecutive calls would draw; an activation-checkpoint recompute reuses its forward's routes,
+        and a later call in the same pass scope reuses the pass's routes."""
         weights = tuple(self.expert_parameters())
-        routes = replayed_routes(self)
+        routes = self.pass_routes or replayed_routes(self)
         if routes is None:
             routes = [self._draw(Stream.TRAIN, self.forward_count + p) for p in range(self.passes)]
             self.forward_count += self.passes
@@ -116,13 +122,15 @@ class AdaMixLayer(nn.Module):
                 self.routed[Projection.DOWN].add(down)
                 self.routed[Projection.UP].add(up)
             record_routes(self, routes)
+        if self.pass_routes is not None:
+            self.pass_routes = routes
         # The routes, not self.passes: a recompute runs in the backward, after stacked_passes has reset it.
         passes = len(routes)
         if passes == 1 or x.shape[0] == 1:
             # One row: an input all stacked passes share rather than one stacked with them (DeBERTa-v2
             # projects its [1, 2k, d] relative-position embeddings with the attention's own query/key
-            # layers); it gets the first pass's route.
-            return self.adapt(x, base_out, weights, *routes[0])
+            # layers); it gets the route of the pass it is computed for.
+            return self.adapt(x, base_out, weights, *routes[self.shared_pass or 0])
         if x.shape[0] % passes:
             raise ValueError(f"batch of {x.shape[0]} rows cannot hold {passes} stacked passes: allowed a multiple of {passes}")
         return self.adapt_stacked(x, base_out, weights, routes)
@@ -320,3 +328,56 @@ def _kaiming_experts(num: int, shape: tuple[int, ...], init: str, factory: dict)
     for expert in draws:
         nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
     return draws.expand(num, *shape).clone()
+
+
+def _adamix_children(module: nn.Module) -> list[AdaMixLayer]:
+    return [child for child in module.children() if isinstance(child, AdaMixLayer)]
+
+
+def begin_pass(module: nn.Module, *args: object) -> None:
+    """Forward pre-hook: from here to ``end_pass`` each AdaMix child of ``module`` routes once, on its first call."""
+    for layer in _adamix_children(module):
+        layer.pass_routes = []
+
+
+def end_pass(module: nn.Module, *args: object) -> None:
+    """Forward hook (``always_call``): close the scope ``begin_pass`` opened."""
+    for layer in _adamix_children(module):
+        layer.pass_routes = None
+
+
+class PerPassPositionBias:
+    """DeBERTa-v2's ``disentangled_attention_bias`` computed per stacked pass, so that the relative-position
+    projections (by the attention's own AdaMix ``query_proj``/``key_proj``, ``share_att_key``) use each pass's
+    experts. The embeddings are one row shared by the whole batch, so one call could carry only one route."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        self.attention = attention
+
+    def __call__(
+        self,
+        query_layer: torch.Tensor,
+        key_layer: torch.Tensor,
+        relative_pos: torch.Tensor | None,
+        rel_embeddings: torch.Tensor,
+        scale_factor: int,
+    ) -> torch.Tensor:
+        """``disentangled_attention_bias``'s arguments and result (transformers' DeBERTa-v2)."""
+        attention = self.attention
+        bias = type(attention).disentangled_attention_bias
+        layers = [m for m in (attention.query_proj, attention.key_proj) if isinstance(m, AdaMixLayer)]
+        passes = max((len(layer.pass_routes or ()) for layer in layers), default=0)
+        if passes <= 1:
+            return bias(attention, query_layer, key_layer, relative_pos, rel_embeddings, scale_factor)
+        batch_positions = relative_pos is not None and relative_pos.dim() >= 3 and relative_pos.shape[0] > 1
+        positions = relative_pos.chunk(passes) if batch_positions else [relative_pos] * passes
+        scores = []
+        try:
+            for index, (query, key) in enumerate(zip(query_layer.chunk(passes), key_layer.chunk(passes), strict=True)):
+                for layer in layers:
+                    layer.shared_pass = index
+                scores.append(bias(attention, query, key, positions[index], rel_embeddings, scale_factor))
+        finally:
+            for layer in layers:
+                layer.shared_pass = None
+        return torch.cat(scores)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from adamix_ds.config import AdaMixConfig
-from adamix_ds.layer import AdaMixBottleneck, AdaMixLayer, AdaMixLoRA, base_features
+from adamix_ds.layer import AdaMixBottleneck, AdaMixLayer, AdaMixLoRA, PerPassPositionBias, base_features, begin_pass, end_pass
 from adamix_ds.routing import Projection
 
 # Built-in placements, by ``config.model_type``: the FFN output for bottleneck adapters (the spec's
@@ -18,12 +18,15 @@ BOTTLENECK_TARGETS: dict[str, list[str]] = {
     "roberta": [r"layer\.\d+\.output\.dense"],
     "deberta-v2": [r"layer\.\d+\.output\.dense"],
     "gpt2": [r"h\.\d+\.mlp\.c_proj"],
+    # Llama family (Llama, Mistral, Qwen2, SmolLM): the MLP's output projection, before the residual add.
+    **dict.fromkeys(("llama", "mistral", "qwen2"), [r"layers\.\d+\.mlp\.down_proj"]),
 }
 LORA_TARGETS: dict[str, list[str]] = {
     "bert": [r"attention\.self\.query", r"attention\.self\.value"],
     "roberta": [r"attention\.self\.query", r"attention\.self\.value"],
     "deberta-v2": [r"attention\.self\.query_proj", r"attention\.self\.value_proj"],
     "gpt2": [r"h\.\d+\.attn\.c_attn"],
+    **dict.fromkeys(("llama", "mistral", "qwen2"), [r"self_attn\.q_proj", r"self_attn\.v_proj"]),
 }
 # Task heads trained and saved with the adapter. BERT's pooler is pretrained and stays frozen;
 # DeBERTa's pooler is freshly initialised by the classification model, so it belongs to the head.
@@ -32,6 +35,7 @@ HEAD_MODULES: dict[str, list[str]] = {
     "roberta": ["classifier"],
     "deberta-v2": ["pooler", "classifier"],
     "gpt2": ["score"],
+    **dict.fromkeys(("llama", "mistral", "qwen2"), ["score"]),
 }
 GENERIC_HEADS = ["classifier", "score", "qa_outputs"]
 
@@ -99,20 +103,30 @@ def add_adamix(model: nn.Module, config: AdaMixConfig) -> nn.Module:
             slices = _fused_qkv_slices(model_type, name, base_features(base)[1])
             wrapped = AdaMixLoRA(base, config, layer_id, out_slices=slices)
         setattr(parent, child_name, wrapped)
+    _route_positions_with_content(model)
 
     heads = config.modules_to_save
     if heads is None:  # the built-in head names that this model has (a causal LM has none: its head is tied)
         heads = [h for h in HEAD_MODULES.get(model_type, GENERIC_HEADS) if hasattr(model, h)]
     for head in heads:
-        try:
-            module = model.get_submodule(head)
-        except AttributeError:
-            raise ValueError(f"modules_to_save entry {head!r} is not a module of {type(model).__name__}") from None
-        for param in module.parameters():
+        for _, param in _head_entry(model, head):
             param.requires_grad_(True)
     model.adamix_head_modules = list(heads)
     model.adamix_config = config
     return model
+
+
+def _route_positions_with_content(model: nn.Module) -> None:
+    """DeBERTa-v2 with ``share_att_key`` projects its relative positions with the attention's own query/key
+    layers: a second call of an AdaMix layer in the same pass. Each attention call becomes one pass scope (the
+    position projection reuses the content projection's experts), and the position bias is computed per
+    stacked pass."""
+    for module in model.modules():
+        shares = getattr(module, "share_att_key", False) and getattr(module, "relative_attention", False)
+        if shares and any(isinstance(getattr(module, name, None), AdaMixLayer) for name in ("query_proj", "key_proj")):
+            module.register_forward_pre_hook(begin_pass)
+            module.register_forward_hook(end_pass, always_call=True)
+            module.disentangled_attention_bias = PerPassPositionBias(module)
 
 
 def merge_adamix(model: nn.Module, fold: bool = False) -> nn.Module:
@@ -153,11 +167,22 @@ def set_eval_mode(model: nn.Module, eval_mode: str, eval_expert: int = 0, eval_r
     model.adamix_config = config
 
 
+def _head_entry(model: nn.Module, head: str) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a ``modules_to_save`` entry names: a module's, or one parameter (an LM head's output bias)."""
+    try:
+        return [(f"{head}.{name}", param) for name, param in model.get_submodule(head).named_parameters()]
+    except AttributeError:
+        pass
+    try:
+        return [(head, model.get_parameter(head))]
+    except AttributeError:
+        raise ValueError(f"modules_to_save entry {head!r} is not a module or parameter of {type(model).__name__}") from None
+
+
 def head_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` of the task-head modules saved with the adapter."""
+    """``(name, parameter)`` of the task-head modules (or single parameters) saved with the adapter."""
     for head in getattr(model, "adamix_head_modules", []):
-        for name, param in model.get_submodule(head).named_parameters():
-            yield f"{head}.{name}", param
+        yield from _head_entry(model, head)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -104,6 +104,12 @@ def _main_metric(task: str) -> str:
     return get_task_spec(task).metric_names[0]
 
 
+def _plotted_metric(cells: list[Cell], task: str) -> str:
+    """The task's main dev metric, or its test metric for runs without a dev set (few-shot splits)."""
+    dev = f"eval_{_main_metric(task)}"
+    return dev if any(dev in c.metrics for c in cells if c.key["task"] == task) else f"test_{_main_metric(task)}"
+
+
 def _metric_columns(cells: list[Cell], task: str) -> list[str]:
     """The task's metrics in the order of its spec: final dev (eval_), best dev, then test_ where present."""
     present = {k for cell in cells for k in cell.metrics}
@@ -157,7 +163,7 @@ def summary_json(cells: list[Cell]) -> dict[str, Any]:
         entry = {**cell.key, "label": cell.label, "stats": stats, "complete": len(cell.runs) - len(cell.missing)}
         modes = [m for run in cell.runs if (m := read_eval_modes(run)) is not None]
         if modes:
-            entry["eval_modes"] = _mode_stats(modes, f"eval_{_main_metric(cell.key['task'])}")
+            entry["eval_modes"] = _mode_stats(modes, _plotted_metric([cell], cell.key["task"]))
         result["cells"].append(entry)
         for run in cell.runs:
             values = run_values(run)
@@ -190,7 +196,7 @@ def plot(sweep: Sweep, cells: list[Cell], data: dict[str, Any], output_dir: Path
     if complete:
         fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 3.2 * len(tasks)), 3.6), squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=True):
-            metric = f"eval_{_main_metric(task)}"
+            metric = _plotted_metric(complete, task)
             task_cells = [c for c in complete if c.key["task"] == task and metric in c.metrics]
             stats = [Stat.of(c.metrics[metric]) for c in task_cells]
             ax.bar(
@@ -209,7 +215,7 @@ def plot(sweep: Sweep, cells: list[Cell], data: dict[str, Any], output_dir: Path
     if budget is not None and complete:
         fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 3.2 * len(tasks)), 3.4), squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=True):
-            metric = f"eval_{_main_metric(task)}"
+            metric = _plotted_metric(complete, task)
             series: dict[str, list[tuple[float, Stat]]] = {}
             for cell in complete:
                 if cell.key["task"] == task and metric in cell.metrics:

@@ -101,7 +101,7 @@ class SweepRun:
 
 @dataclass
 class Sweep:
-    """A sweep file, expanded and checked: ``runs`` in a stable order (groups, grid, seeds)."""
+    """A sweep file, expanded and checked: ``runs`` in a stable order (grid points, then groups, then seeds)."""
 
     path: Path
     output_root: Path
@@ -217,7 +217,9 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
     sweep = Sweep(path=path, output_root=output_root, axes=(["group"] if groups else []) + list(grid))
     group_items = list(groups.items()) or [(None, {})]
     seen: dict[str, str] = {}
-    for (group, group_flags), values in itertools.product(group_items, itertools.product(*grid.values())):
+    # Grid points outermost, then groups, then seeds: a sweep stopped part-way has whole comparisons (every
+    # group and seed of the first points) rather than one group everywhere.
+    for values, (group, group_flags) in itertools.product(itertools.product(*grid.values()), group_items):
         point = {name: flags[name] for name, flags in zip(grid, values, strict=True)}
         flags = {**common, **group_flags, **{k: v for linked in values for k, v in linked.items()}}
         for seed in seeds:

@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from adamix_ds import AdaMixConfig, add_adamix
 from adamix_ds.data import read_glue_folder
 from adamix_ds.layer import AdaMixLayer, AdaMixLoRA, base_features
+from adamix_ds.plan import PUBLISHED_CONFIGS
 from adamix_ds.training.runtime import dist_env, usage_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,46 +40,9 @@ BENCH_DIR = REPO_ROOT / "benchmarks"
 RESULTS_DIR = BENCH_DIR / "results"
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
 
-# Published configs, written out so that nothing is downloaded (bert-base-uncased, roberta-large,
-# microsoft/deberta-v2-xxlarge, gpt2-medium). Encoders get a 2-class head (GLUE); GPT-2 is the causal LM
-# of the paper's E2E experiments.
-BACKBONES: dict[str, dict[str, Any]] = {
-    "bert-base": dict(
-        model_type="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522
-    ),
-    "roberta-large": dict(
-        model_type="roberta",
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        vocab_size=50265,
-        max_position_embeddings=514,
-        type_vocab_size=1,
-        layer_norm_eps=1e-5,
-    ),
-    "deberta-v2-xxlarge": dict(
-        model_type="deberta-v2",
-        hidden_size=1536,
-        num_hidden_layers=48,
-        num_attention_heads=24,
-        intermediate_size=6144,
-        vocab_size=128100,
-        max_position_embeddings=512,
-        relative_attention=True,
-        position_buckets=256,
-        max_relative_positions=-1,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        pos_att_type=["p2c", "c2p"],
-        conv_kernel_size=3,
-        conv_act="gelu",
-        position_biased_input=False,
-        type_vocab_size=0,
-        layer_norm_eps=1e-7,
-    ),
-    "gpt2-medium": dict(model_type="gpt2", n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257),
-}
+# The published configs (bert-base-uncased, roberta-large, microsoft/deberta-v2-xxlarge, gpt2-medium) the planner
+# knows. Encoders get a 2-class head (GLUE); GPT-2 is the causal LM of the paper's E2E experiments.
+BACKBONES = PUBLISHED_CONFIGS
 
 
 # -- command line ---------------------------------------------------------------------------------

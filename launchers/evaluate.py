@@ -7,7 +7,8 @@ R random-routing draws, on the same evaluation split (the paper's Fig. 5).
         --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 --eval_modes merged,random --random_draws 20
 
 Beside a training run's output (OUT/experts next to OUT/run_config.json) the backbone, task, data and eval
-batch default to that run's, so "merged" reproduces the run's own final evaluation exactly. Prints (or
+batch default to that run's, so "merged" reproduces the run's own final evaluation exactly; a prompt-based
+adapter's template and label words come from its task.json. Prints (or
 writes) one JSON object: a mode -> its metrics; "fixed" and "random" hold a list (one entry per expert
 pair or draw). Runs on one process, or on several (torchrun/deepspeed: each rank scores a shard).
 """
@@ -20,10 +21,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in train.py: set before torch is imported
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from adamix_ds import load_adapter
-from adamix_ds.data import load_task, make_collator
+from adamix_ds.data import get_task_spec, load_task
+from adamix_ds.families import build_family, record_arguments
+from adamix_ds.io import read_task_record
 from adamix_ds.training import (
     configure_threads,
     dist_env,
@@ -33,7 +36,7 @@ from adamix_ds.training import (
     setup_logging,
     usage_errors,
 )
-from adamix_ds.training.arguments import parse_eval_args
+from adamix_ds.training.arguments import family_options, parse_eval_args
 from adamix_ds.training.eval_modes import evaluate_modes, parse_eval_modes
 from adamix_ds.training.runtime import logger
 
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         run = parse_eval_args(argv)
         model_path = resolve_model_path(run.model.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(run.model.tokenizer_name or model_path)
+        # The adapter's task record (a prompt's template and label words) reads inputs as its training did.
+        record = read_task_record(run.model.adapter_name_or_path)
+        options = family_options(run.data) if record is None else record_arguments(record)
+        family = build_family(get_task_spec(run.data.task_name), tokenizer, run.data.max_seq_length, model_path, **options)
         data = load_task(
             run.data.task_name,
             tokenizer,
@@ -53,17 +60,16 @@ def main(argv: list[str] | None = None) -> None:
             data_dir=resolve_data_dir(run.data.task_name, run.data.data_dir),
             max_train_samples=1,  # only the eval splits are scored
             max_eval_samples=run.data.max_eval_samples,
+            encoder=family.encoder(),
         )
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=data.num_labels)
+        model = family.load_model(model_path)
         load_adapter(model, run.model.adapter_name_or_path)
     init_distributed(env)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
     modes = parse_eval_modes(run.evaluation.eval_modes)
     logger.info("evaluating %s on %s: %s", run.model.adapter_name_or_path, run.data.task_name, ", ".join(modes))
-    results = evaluate_modes(
-        model, data, make_collator(tokenizer), run.evaluation.per_device_eval_batch_size, env, modes, run.evaluation.random_draws
-    )
+    results = evaluate_modes(model, data, family, run.evaluation.per_device_eval_batch_size, env, modes, run.evaluation.random_draws)
     if env.is_main:
         text = json.dumps(results, indent=2) + "\n"
         if run.evaluation.output_file is None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train, evaluate, merge and save AdaMix on a GLUE task with DeepSpeed: the run_glue.py of adamix-ds.
+"""Train, evaluate, merge and save AdaMix on a GLUE or few-shot task with DeepSpeed: the run_glue.py of adamix-ds.
 
 The CPU demo (real MiniLM on SST-2; a few minutes on 2 cores):
     deepspeed launchers/train.py --deepspeed ds_configs/zero2.json
@@ -10,6 +10,8 @@ The paper's RoBERTa-large recipe on 8 GPUs, and a model that needs ZeRO-3 with C
     deepspeed --num_gpus 8 launchers/train.py --deepspeed ds_configs/zero2.json --bf16 --model_name_or_path FacebookAI/roberta-large \
         --task_name mnli --max_seq_length 128 --per_device_train_batch_size 8 --learning_rate 3e-4 --num_train_epochs 20
     deepspeed --num_gpus 8 launchers/train.py --deepspeed ds_configs/zero3_offload.json --bf16 --model_name_or_path microsoft/deberta-v2-xxlarge ...
+Few-shot, prompt-based (the pretrained LM head predicts the task's label words; LiST's K=30 split 1):
+    deepspeed launchers/train.py --task_name sst2 --data_dir ../shared/data/list/SST-2/30-1 --prompt --model_name_or_path FacebookAI/roberta-large
 Several nodes: deepspeed --hostfile hostfile launchers/train.py ...; one process without a launcher: python launchers/train.py
 """
 
@@ -32,10 +34,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
-from adamix_ds import ExpertStepGuard, adamix_loss, add_adamix, count_parameters, enable_activation_checkpointing, load_adapter
-from adamix_ds.data import load_task, make_collator
+from adamix_ds import ExpertStepGuard, add_adamix, count_parameters, enable_activation_checkpointing, load_adapter
+from adamix_ds.data import get_task_spec, load_task
+from adamix_ds.families import build_family
 from adamix_ds.optim import adamw_param_groups
 from adamix_ds.training import (
     DeepSpeedOptimizerAccess,
@@ -64,7 +67,7 @@ from adamix_ds.training import (
     usage_errors,
     zero_stage,
 )
-from adamix_ds.training.arguments import DEMO_PRESET, to_dict
+from adamix_ds.training.arguments import DEMO_PRESET, family_options, to_dict
 from adamix_ds.training.checkpoint import CHECKPOINTS, CheckpointSaveError
 from adamix_ds.training.eval_modes import EVAL_MODES_FILE, evaluate_modes, parse_eval_modes
 from adamix_ds.training.preemption import PreemptionSignal, request_requeue
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         model_path = resolve_model_path(run.model.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(run.model.tokenizer_name or model_path)
+        # The task family: sequence classification (a fresh head), or --prompt (the pretrained LM head).
+        spec = get_task_spec(run.data.task_name)
+        family = build_family(spec, tokenizer, run.data.max_seq_length, model_path, **family_options(run.data, run.adamix.train_lm_head))
         data_dir = resolve_data_dir(run.data.task_name, run.data.data_dir)
         logger.info("data: %s from %s", run.data.task_name, data_dir or "the Hugging Face Hub")
         data = load_task(
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             data_dir=data_dir,
             max_train_samples=run.data.max_train_samples,
             max_eval_samples=run.data.max_eval_samples,
+            encoder=family.encoder(),
         )
         schedule = TrainSchedule.build(
             len(data.train),
@@ -111,15 +118,17 @@ def main(argv: list[str] | None = None) -> None:
         )
         ds_config = build_ds_config(args.deepspeed, args, env.world_size, schedule, job_name=output_dir.name)
         torch.manual_seed(args.seed)  # the same head and expert initialisation on every rank
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=data.num_labels)
+        model = family.load_model(model_path)
         backbone_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        config = adamix_config(run)
+        config = adamix_config(run, family.head_modules(model))
         if config is not None:
             add_adamix(model, config)
         if run.model.adapter_name_or_path is not None:
             if config is None:
                 raise ValueError(f"adapter_name_or_path={run.model.adapter_name_or_path} needs an adapter method, not --method full")
             load_adapter(model, run.model.adapter_name_or_path)
+        if config is not None:
+            model.adamix_task = family.record()  # saved with the adapters: how this run read its inputs
         if args.gradient_checkpointing:
             enable_activation_checkpointing(model)
         parameters = count_parameters(model) if config is not None else {"trainable": sum(p.numel() for p in model.parameters())}
@@ -164,9 +173,9 @@ def main(argv: list[str] | None = None) -> None:
         parameters,
     )
 
-    collator = make_collator(tokenizer)
+    collator = family.collator()
     loader = train_loader(data.train, collator, args.per_device_train_batch_size, env, args.seed)
-    best_key = "eval_" + (args.metric_for_best_model or data.spec.metric_names[0]).removeprefix("eval_")
+    best_key = "eval_" + (args.metric_for_best_model or spec.metric_names[0]).removeprefix("eval_")
     best_dir = output_dir / ("best_model" if config is None else "best_adapter")
     accumulation = args.gradient_accumulation_steps
 
@@ -175,10 +184,11 @@ def main(argv: list[str] | None = None) -> None:
             engine.monitor.write_events([(name.replace("_", "/", 1), value, step) for name, value in metrics.items()])
 
     def evaluate_and_keep_best(step: int) -> dict[str, float]:
-        metrics = evaluate_splits(engine, data, collator, args.per_device_eval_batch_size, env)
+        metrics = evaluate_splits(engine, data, family, args.per_device_eval_batch_size, env)
         log_events(metrics, step)
         logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if state.best_metric is None or metrics[best_key] > state.best_metric:
+        # A split without a dev set (LiST) has no best evaluation: the model is never selected on the test set.
+        if best_key in metrics and (state.best_metric is None or metrics[best_key] > state.best_metric):
             state.best_metric, state.best_step, state.best_metrics = metrics[best_key], step, metrics
             save_model(engine, best_dir, merged=True, tokenizer=tokenizer)
         return metrics
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                 if micro % accumulation == 0:
                     torch.manual_seed(step_seed(args.seed, env.rank, step))  # dropout: a function of the step
                 batch = {key: value.to(engine.device) for key, value in batch.items()}
-                out = adamix_loss(engine, batch, run.adamix.consistency_weight)
+                out = family.train_loss(engine, batch, run.adamix.consistency_weight)
                 engine.backward(out.loss)
                 window += torch.tensor([out.task_loss.item(), out.consistency_loss.item(), 1.0])
                 if not engine.is_gradient_accumulation_boundary():
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {**evaluate_and_keep_best(step), "step": step}
     if run.adamix.eval_modes is not None:  # every routing of the final experts, for the paper's Fig. 5
         modes = parse_eval_modes(run.adamix.eval_modes)
-        routings = evaluate_modes(engine, data, collator, args.per_device_eval_batch_size, env, modes, run.adamix.random_draws)
+        routings = evaluate_modes(engine, data, family, args.per_device_eval_batch_size, env, modes, run.adamix.random_draws)
         if env.is_main:
             (output_dir / EVAL_MODES_FILE).write_text(json.dumps(routings, indent=2) + "\n")
     if saved_step != step:
@@ -287,12 +297,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     if env.is_main:
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        scores = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("eval_", "test_")) and not k.endswith("loss"))
         logger.info(
-            "done in %.0f s: %s=%.4f (best %.4f at step %s); checkpoint %.2f MB next to a %.1f MB backbone; results in %s",
+            "done in %.0f s: %s (best %s=%s at step %s); checkpoint %.2f MB next to a %.1f MB backbone; results in %s",
             train_runtime,
+            scores,
             best_key,
-            metrics[best_key],
-            state.best_metric,
+            "none" if state.best_metric is None else f"{state.best_metric:.4f}",
             state.best_step,
             summary["checkpoint_bytes"] / 1e6,
             backbone_bytes / 1e6,

@@ -17,6 +17,20 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
+def tiny_rte_sweep_args(max_steps: int) -> dict[str, object]:
+    """Launcher flags of a real MiniLM run on a few RTE examples that takes seconds (for sweep tests)."""
+    return {
+        "task_name": "rte",
+        "data_dir": str(SHARED_DATA / "glue" / "RTE"),
+        "max_train_samples": 32,
+        "max_eval_samples": 24,
+        "max_seq_length": 32,
+        "per_device_train_batch_size": 8,
+        "max_steps": max_steps,
+        "bottleneck_dim": 8,
+    }
+
+
 def subprocess_env() -> dict[str, str]:
     """The environment for launched ranks: this venv's tools first on PATH."""
     env = dict(os.environ)

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
+from test_consistency import relative_deberta
 from torch.utils.checkpoint import checkpoint
 
-from adamix_ds import adamix_loss, enable_activation_checkpointing, routing_context_fn
+from adamix_ds import AdaMixConfig, adamix_loss, add_adamix, enable_activation_checkpointing, routing_context_fn
 from adamix_ds.model import adamix_layers
 
 from test_architectures import adamix_model
@@ -38,6 +39,24 @@ def test_checkpointed_step_equals_the_plain_step(model_type, adapter_type, consi
             assert (a.forward_count, a.routed) == (b.forward_count, b.routed)
         plain.zero_grad(set_to_none=True)
         checkpointed.zero_grad(set_to_none=True)
+
+
+def test_checkpointed_relative_positions_reuse_the_forward_experts():
+    """DeBERTa-v2's relative positions go through the AdaMix query_proj a second time per pass; the recompute
+    must route both calls as the forward did."""
+    config = AdaMixConfig(adapter_type="lora", bottleneck_dim=4, num_experts=4, share_up=False)
+    plain = add_adamix(relative_deberta(), config).train()
+    checkpointed = copy.deepcopy(plain)
+    enable_activation_checkpointing(checkpointed)
+    for _ in range(2):
+        expected_loss, expected = loss_and_grads(plain, 1.0)
+        loss, grads = loss_and_grads(checkpointed, 1.0)
+        torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-6)
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+        plain.zero_grad(set_to_none=True)
+        checkpointed.zero_grad(set_to_none=True)
+    assert [layer.forward_count for _, layer in adamix_layers(checkpointed)] == [4] * 4
 
 
 def test_the_checkpoint_actually_recomputes():

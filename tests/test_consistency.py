@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from adamix_ds import AdaMixConfig, adamix_loss, add_adamix, consistency_loss
 from adamix_ds.model import adamix_layers, head_parameters
 
-from tiny_models import tiny_classifier, token_batch
+from tiny_models import relative_deberta, tiny_classifier, token_batch
 
 
 def manual_symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -70,12 +70,9 @@ def test_helper_makes_one_pass_when_the_term_cannot_matter():
 
 
 def test_stacked_passes_equal_two_sequential_passes(model_type, adapter_type):
-    if (model_type, adapter_type) == ("deberta-v2", "lora"):
-        # DeBERTa-v2 also projects its relative-position table with query_proj: one row that both stacked
-        # passes share, so it gets one route where two sequential passes would draw two.
-        pytest.skip("relative-position projection shared by the stacked passes")
     config = AdaMixConfig(adapter_type=adapter_type, bottleneck_dim=4, num_experts=4, share_up=False)
-    model = add_adamix(tiny_classifier(model_type), config).train()
+    backbone = relative_deberta() if (model_type, adapter_type) == ("deberta-v2", "lora") else tiny_classifier(model_type)
+    model = add_adamix(backbone, config).train()
     for module in model.modules():  # no dropout: the two ways must then agree to rounding
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -103,3 +100,21 @@ def test_stacked_passes_equal_two_sequential_passes(model_type, adapter_type):
     for name, param in model.named_parameters():
         if param.grad is not None:
             torch.testing.assert_close(stacked_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_relative_positions_use_the_experts_of_their_pass(passes):
+    model = add_adamix(relative_deberta(), AdaMixConfig(adapter_type="lora", bottleneck_dim=4, num_experts=4, share_up=False)).train()
+    layer = model.deberta.encoder.layer[0].attention.self.query_proj
+    calls = []
+    adapt, adapt_stacked = layer.adapt, layer.adapt_stacked
+    layer.adapt = lambda x, base_out, weights, down, up: calls.append((x.shape[0], [(down, up)])) or adapt(x, base_out, weights, down, up)
+    layer.adapt_stacked = lambda x, base_out, weights, routes: (
+        calls.append((x.shape[0], routes)) or adapt_stacked(x, base_out, weights, routes)
+    )
+    adamix_loss(model, token_batch(), consistency_weight=1.0 if passes == 2 else 0.0)
+    assert layer.forward_count == passes  # one draw per pass, not one per call
+    content, *positions = calls
+    assert content[0] == 4 * passes and len(content[1]) == passes
+    # The relative-position table (one row) is projected once per pass, with that pass's experts.
+    assert positions == [(1, [route]) for route in content[1]]

@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, SHARED_DATA, subprocess_env
+from conftest import REPO_ROOT, SHARED_DATA, subprocess_env, tiny_rte_sweep_args
 from slurm_cluster import LocalSlurm
 
 TOTAL_STEPS = 30
@@ -87,16 +87,7 @@ def test_sbatch_trains_checkpoints_on_sigusr1_requeues_and_resumes(cluster, tmp_
 def test_sweep_submit_runs_one_array_job_that_completes_and_is_summarised(cluster, tmp_path):
     spec = {
         "output_root": str(tmp_path / "sweep"),
-        "args": {
-            "task_name": "rte",
-            "data_dir": str(SHARED_DATA / "glue" / "RTE"),
-            "max_train_samples": 32,
-            "max_eval_samples": 24,
-            "max_seq_length": 32,
-            "per_device_train_batch_size": 8,
-            "max_steps": 3,
-            "bottleneck_dim": 8,
-        },
+        "args": tiny_rte_sweep_args(max_steps=3),
         "grid": {"method": ["adapter", "adamix"]},
         "seeds": [1, 2],
     }

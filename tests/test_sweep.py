@@ -16,7 +16,7 @@ import yaml
 from adamix_ds.summary import Stat, collect, summarize
 from adamix_ds.sweep import load_sweep, task_args
 
-from conftest import REPO_ROOT, SHARED_DATA, subprocess_env
+from conftest import REPO_ROOT, subprocess_env, tiny_rte_sweep_args
 
 SWEEP = str(REPO_ROOT / "launchers" / "sweep.py")
 EVALUATE = str(REPO_ROOT / "launchers" / "evaluate.py")
@@ -138,7 +138,7 @@ def test_summary_mean_sample_std_n_and_missing_runs(tmp_path):
     (runs["rte/adamix/learning_rate-0.001/seed-2"].output_dir / "metrics.json").write_text("{truncated")
 
     cells = collect(sweep)
-    assert [len(c.missing) for c in cells] == [0, 2, 1, 2]
+    assert [len(c.missing) for c in cells] == [0, 1, 2, 2]
     text = summarize(sweep)
     # mean 65.00, sample std sqrt(((60-65)^2 + (70-65)^2) / 1) = 7.07
     assert "| adapter learning_rate=0.001 | 65.00 ± 7.07 (n=2) | 66.50 ± 6.36 (n=2) | 15 s |" in text
@@ -147,7 +147,7 @@ def test_summary_mean_sample_std_n_and_missing_runs(tmp_path):
     data = json.loads((sweep.output_root / "summary.json").read_text())
     adapter = data["cells"][0]["stats"]["eval_accuracy"]
     assert adapter["n"] == 2 and adapter["mean"] == pytest.approx(0.65) and adapter["std"] == pytest.approx(math.sqrt(0.005))
-    by_mode = data["cells"][2]["eval_modes"]
+    by_mode = data["cells"][1]["eval_modes"]
     assert by_mode["merged"] == [0.65] and by_mode["fixed"] == [0.6] * 4 and by_mode["random"] == pytest.approx([0.55, 0.56, 0.57])
     assert len(data["missing"]) == 5
     rows = (sweep.output_root / "summary.csv").read_text().splitlines()
@@ -160,16 +160,7 @@ def test_summary_mean_sample_std_n_and_missing_runs(tmp_path):
 @pytest.mark.slow
 def test_real_local_sweep_skips_complete_runs_and_merged_equals_the_runs_final_eval(tmp_path):
     spec = _spec(
-        args={
-            "task_name": "rte",
-            "data_dir": str(SHARED_DATA / "glue" / "RTE"),
-            "max_train_samples": 32,
-            "max_eval_samples": 24,
-            "max_seq_length": 32,
-            "per_device_train_batch_size": 8,
-            "max_steps": 2,
-            "bottleneck_dim": 8,
-        },
+        args=tiny_rte_sweep_args(max_steps=2),
         grid={"learning_rate": [1e-3]},
         groups={"adapter": {"method": "adapter"}, "adamix": {"method": "adamix", "eval_modes": "all", "random_draws": 3}},
     )

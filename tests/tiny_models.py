@@ -34,6 +34,22 @@ def tiny_classifier(model_type: str, seed: int = 0, num_labels: int = 2) -> torc
     return AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels)).eval()
 
 
+# DeBERTa-v2-XXLarge's attention in small: relative positions projected by the attention's own query/key layers.
+DEBERTA_RELATIVE = {
+    "relative_attention": True,
+    "position_buckets": 8,
+    "share_att_key": True,
+    "pos_att_type": ["p2c", "c2p"],
+    "norm_rel_ebd": "layer_norm",
+}
+
+
+def relative_deberta(seed: int = 0) -> torch.nn.Module:
+    """A tiny DeBERTa-v2 classifier whose query_proj also projects the relative positions (share_att_key)."""
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(tiny_config("deberta-v2", **DEBERTA_RELATIVE)).eval()
+
+
 def tiny_gpt2_lm(seed: int = 0) -> GPT2LMHeadModel:
     """A randomly initialised 2-layer GPT-2 language model."""
     torch.manual_seed(seed)

@@ -1,12 +1,14 @@
-"""Load a GLUE task, tokenized, from the Hub, a local GLUE folder or an LM-BFF k-shot folder."""
+"""Load a task, tokenized, from the Hub, a local GLUE folder, an LM-BFF k-shot folder or a LiST split folder."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +21,15 @@ __all__ = ["TaskData", "load_task", "make_collator"]
 
 logger = logging.getLogger(__name__)
 
-# LM-BFF names its few-shot folders "<k>-<seed>" (k-shot/SST-2/16-13).
+# LM-BFF names its few-shot folders "<k>-<seed>" (k-shot/SST-2/16-13), LiST "<K>-<split>" (list/SST-2/30-1).
 _KSHOT_FOLDER = re.compile(r"\d+-\d+")
+# LiST's copies of some training files have no header: their columns, by task.
+_HEADERLESS_COLUMNS = {
+    "sst2": ("sentence", "label"),
+    "mnli": ("index", "genre", "sentence1", "sentence2", "gold_label"),
+}
+# Turns a batch of raw rows (text columns -> lists of strings) into model inputs; see load_task.
+Encoder = Callable[[dict[str, list]], dict[str, list]]
 
 
 @dataclass
@@ -59,6 +68,7 @@ def load_task(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     test_file: str | os.PathLike[str] | None = None,
+    encoder: Encoder | None = None,
 ) -> TaskData:
     """Load ``task_name`` and tokenize it for ``tokenizer``, like ``run_glue.py`` does.
 
@@ -74,10 +84,15 @@ def load_task(
       ``"validation"``, and the task's GLUE dev set becomes ``"test"`` (MNLI: also
       ``"test_mismatched"``). That is the folder's own ``test.tsv`` where LM-BFF wrote one, else
       ``<k-shot root>/../glue/<TASK>/dev.tsv``.
+    - a LiST split folder, a ``<K>-<split>`` folder whose parent holds the task's test file
+      (``list/SST-2/30-1`` beside ``list/SST-2/test.tsv``): its training file becomes ``train``, its
+      ``dev`` file (if any: RTE's 500-example splits) ``"validation"``, and the parent's test file ``"test"``.
 
     ``test_file``, a labelled file in the task's GLUE format, is loaded as ``"test"`` instead of
     the k-shot default, or in addition to the other splits. Sequences are truncated to
-    ``max_seq_length`` tokens and not padded (see ``make_collator``). ``max_train_samples`` and
+    ``max_seq_length`` tokens and not padded (see ``make_collator``). ``encoder`` replaces the tokenizer's
+    own encoding of the text columns (a prompt template, ``adamix_ds.prompts``): it maps a batch of the
+    task's ``text_columns`` to token columns (``input_ids``, ...). ``max_train_samples`` and
     ``max_eval_samples`` keep the first N rows of train and of every eval split, in file order.
 
     Raises ``ValueError`` for an unknown task or a malformed file (naming the file, line and value),
@@ -94,7 +109,9 @@ def load_task(
         folder = Path(data_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"data_dir is not an existing folder: {folder}")
-        if _KSHOT_FOLDER.fullmatch(folder.name):
+        if _KSHOT_FOLDER.fullmatch(folder.name) and _is_list_split(spec, folder):
+            train, evals = _load_list(spec, folder, find_test=test_file is None)
+        elif _KSHOT_FOLDER.fullmatch(folder.name):
             train, evals = _load_kshot(spec, folder, find_test=test_file is None)
         else:
             train, evals = _load_glue_folder(spec, folder)
@@ -109,9 +126,14 @@ def load_task(
             tokenizer.model_max_length,
             max_length,
         )
+    if encoder is None:
+
+        def encoder(batch: dict[str, list]) -> dict[str, list]:
+            return tokenizer(*(batch[c] for c in spec.text_columns), truncation=True, max_length=max_length)
+
     return TaskData(
-        train=_tokenize(_first(train, max_train_samples), tokenizer, spec, max_length),
-        eval={name: _tokenize(_first(ds, max_eval_samples), tokenizer, spec, max_length) for name, ds in evals.items()},
+        train=_tokenize(_first(train, max_train_samples), encoder, spec),
+        eval={name: _tokenize(_first(ds, max_eval_samples), encoder, spec) for name, ds in evals.items()},
         spec=spec,
     )
 
@@ -126,6 +148,8 @@ def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | 
 
 
 def _load_hub(spec: TaskSpec) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+    if spec.hub_dataset is None:
+        raise ValueError(f"task {spec.name} is read from files only: pass --data_dir (a LiST or LM-BFF few-shot folder)")
     try:
         dataset = datasets.load_dataset(spec.hub_dataset, spec.hub_config)
     except ConnectionError as err:
@@ -174,8 +198,28 @@ def _load_kshot(spec: TaskSpec, folder: Path, find_test: bool) -> tuple[datasets
     return train, evals
 
 
+def _is_list_split(spec: TaskSpec, folder: Path) -> bool:
+    """LiST keeps each task's test file beside its split folders; its MNLI and QQP copies ship none, but sit under ``list/``."""
+    return (folder.parent / spec.test_file).is_file() or Path(os.path.abspath(folder)).parents[1].name == "list"
+
+
+def _load_list(spec: TaskSpec, folder: Path, find_test: bool) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+    train = _read_glue_tsv(spec, folder / spec.train_file)
+    dev = folder / spec.eval_splits[0].file
+    evals = {"validation": _read_glue_tsv(spec, dev)} if dev.is_file() else {}
+    if find_test:
+        test = folder.parent / spec.test_file
+        if not test.is_file():
+            raise FileNotFoundError(
+                f"no {spec.name} test file for the LiST split {folder} at {test} (LiST ships none for this task): put one there"
+            )
+        evals["test"] = _read_glue_tsv(spec, test)
+    return train, evals
+
+
 def _read_glue_tsv(spec: TaskSpec, path: Path) -> datasets.Dataset:
-    """Read a labelled GLUE tsv file into columns ``spec.text_columns`` and ``labels``."""
+    """Read a labelled task file (GLUE tsv, LiST's headerless tsv, LM-BFF's csv) into columns
+    ``spec.text_columns`` and ``labels``."""
     if not path.is_file():
         raise FileNotFoundError(f"{spec.name} data file not found: {path}")
     label_ids = {raw: label_id for label_id, raw in enumerate(spec.file_labels)}
@@ -184,21 +228,28 @@ def _read_glue_tsv(spec: TaskSpec, path: Path) -> datasets.Dataset:
     # utf-8-sig drops the byte-order mark that GLUE's MRPC files start with, which would otherwise
     # become part of the first column's name.
     with path.open(encoding="utf-8-sig", newline="") as file:
-        # GLUE files are not quoted: a '"' is part of the text.
-        reader = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
+        # GLUE files are not quoted: a '"' is part of the text. LM-BFF's CSV files are.
+        quoting = csv.QUOTE_NONE if spec.delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.reader(file, delimiter=spec.delimiter, quoting=quoting)
         try:
             header = list(spec.file_columns) if spec.file_columns else next(reader, None)
             if header is None:
                 raise ValueError(f"{path}: empty file")
-            missing = [c for c in (*spec.file_text_columns, spec.file_label_column) if c not in header]
+            required = (*spec.file_text_columns, spec.file_label_column)
+            headerless = _HEADERLESS_COLUMNS.get(spec.name)
+            first_row = None
+            if headerless and any(c not in header for c in required) and len(header) == len(headerless):
+                header, first_row = list(headerless), header
+            missing = [c for c in required if c not in header]
             if missing:
                 raise ValueError(f"{path}: no column {missing[0]!r}; the columns are {header}")
             text_indices = [header.index(c) for c in spec.file_text_columns]
             label_index = header.index(spec.file_label_column)
-            for row in reader:
+            for row in itertools.chain([first_row] if first_row else [], reader):
                 # An exact count catches a stray tab, which would silently shift every later column.
                 if len(row) != len(header):
-                    raise ValueError(f"{path}: line {reader.line_num} has {len(row)} tab-separated fields, expected {len(header)}")
+                    separator = "tab" if spec.delimiter == "\t" else "comma"
+                    raise ValueError(f"{path}: line {reader.line_num} has {len(row)} {separator}-separated fields, expected {len(header)}")
                 for column, index in zip(texts, text_indices, strict=True):
                     column.append(row[index])
                 raw = row[label_index]
@@ -233,12 +284,9 @@ def _first(dataset: datasets.Dataset, n: int | None) -> datasets.Dataset:
     return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
 
 
-def _tokenize(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, spec: TaskSpec, max_length: int) -> datasets.Dataset:
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        return tokenizer(*(batch[c] for c in spec.text_columns), truncation=True, max_length=max_length)
-
+def _tokenize(dataset: datasets.Dataset, encoder: Encoder, spec: TaskSpec) -> datasets.Dataset:
     return dataset.map(
-        encode,
+        encoder,
         batched=True,
         remove_columns=[c for c in dataset.column_names if c != "labels"],
         desc=f"Tokenizing {spec.name}",

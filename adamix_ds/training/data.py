@@ -9,16 +9,17 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
-from adamix_ds.data import TaskData, TaskSpec, compute_metrics
+from adamix_ds.data import TaskData
 from adamix_ds.training.runtime import DistEnv
 
 if TYPE_CHECKING:
     import datasets
     from deepspeed import DeepSpeedEngine
+
+    from adamix_ds.families import TaskFamily
 
 
 class ResumableSampler(Sampler[int]):
@@ -51,10 +52,11 @@ def train_loader(dataset: datasets.Dataset, collator: Callable, micro_batch_size
 
 @torch.no_grad()
 def evaluate(
-    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, collator: Callable, batch_size: int, spec: TaskSpec, env: DistEnv
+    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, family: TaskFamily, batch_size: int, env: DistEnv
 ) -> dict[str, float]:
-    """GLUE metrics of ``engine`` (a DeepSpeed engine, or a plain model on every rank) on ``dataset`` (keys
-    without prefix, plus ``loss``), the same on every rank.
+    """The task metrics of ``engine`` (a DeepSpeed engine, or a plain model on every rank) on ``dataset``
+    (keys without prefix, plus ``loss``), the same on every rank: ``family`` batches the examples, gives
+    their logits and scores them.
 
     Rank ``r`` scores examples ``r, r + W, ...``; shards are padded to equal length (ZeRO-3 gathers
     parameters collectively, so every rank must run the same number of forward passes) and the padding
@@ -66,11 +68,11 @@ def evaluate(
     count = len(dataset)
     own = list(range(env.rank, count, env.world_size))
     padded = own + [own[-1] if own else 0] * (math.ceil(count / env.world_size) - len(own))
-    loader = DataLoader(Subset(dataset, padded), batch_size=batch_size, collate_fn=collator)
+    loader = DataLoader(Subset(dataset, padded), batch_size=batch_size, collate_fn=family.collator())
     logits = []
     for batch in loader:
-        batch = {key: value.to(engine.device) for key, value in batch.items()}
-        logits.append(engine(**batch).logits.float().cpu())
+        inputs = {key: value.to(engine.device) for key, value in batch.items() if key != "labels"}
+        logits.append(family.logits(engine, inputs).float().cpu())
     local = torch.cat(logits)[: len(own)]
     shards: list[torch.Tensor | None] = [None] * env.world_size
     dist.all_gather_object(shards, local)
@@ -78,16 +80,12 @@ def evaluate(
     for rank, shard in enumerate(shards):
         predictions[rank :: env.world_size] = shard
     labels = torch.as_tensor(dataset["labels"])
-    if spec.is_regression:
-        loss = F.mse_loss(predictions.squeeze(-1), labels.float())
-    else:
-        loss = F.cross_entropy(predictions, labels.long())
     engine.train(was_training)
-    return {**compute_metrics(spec.name, predictions.numpy(), labels.numpy()), "loss": float(loss)}
+    return family.scores(predictions, labels)
 
 
 def evaluate_splits(
-    engine: DeepSpeedEngine | nn.Module, task_data: TaskData, collator: Callable, batch_size: int, env: DistEnv
+    engine: DeepSpeedEngine | nn.Module, task_data: TaskData, family: TaskFamily, batch_size: int, env: DistEnv
 ) -> dict[str, float]:
     """``evaluate`` on every evaluation split of ``task_data``, named like ``run_glue.py``:
     ``eval_<metric>`` for the dev set, ``_mm`` appended for MNLI mismatched, ``test_<metric>`` for the
@@ -96,6 +94,6 @@ def evaluate_splits(
     for split, dataset in task_data.eval.items():
         prefix = "test" if split.startswith("test") else "eval"
         suffix = "_mm" if split.endswith("mismatched") else ""
-        scores = evaluate(engine, dataset, collator, batch_size, task_data.spec, env)
+        scores = evaluate(engine, dataset, family, batch_size, env)
         metrics.update({f"{prefix}_{name}{suffix}": value for name, value in scores.items()})
     return metrics

@@ -11,7 +11,7 @@ expert: every down expert with the shared up, every (down, up) pair when neither
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -25,6 +25,8 @@ from adamix_ds.training.runtime import DistEnv
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
+
+    from adamix_ds.families import TaskFamily
 
 ALL = "all"
 EVAL_MODES_FILE = "eval_modes.json"
@@ -47,13 +49,14 @@ def parse_eval_modes(text: str) -> tuple[str, ...]:
 def evaluate_modes(
     engine: DeepSpeedEngine | nn.Module,
     task_data: TaskData,
-    collator: Callable,
+    family: TaskFamily,
     batch_size: int,
     env: DistEnv,
     modes: Sequence[str] = EVAL_MODES,
     random_draws: int = 10,
 ) -> dict[str, Any]:
-    """Evaluate ``engine`` (an engine, or an AdaMix model) under each routing of ``modes`` on every eval split.
+    """Evaluate ``engine`` (an engine, or an AdaMix model) under each routing of ``modes`` on every eval split,
+    through ``family`` (its batches, logits and metrics).
 
     The model's own eval mode and random-routing counters are restored afterwards, so a run that calls
     this at its end saves the same adapter and checkpoint as one that does not.
@@ -67,7 +70,7 @@ def evaluate_modes(
     n_down, n_up = (layers[0].experts_in(p) for p in Projection)
 
     def scores() -> dict[str, float]:
-        return evaluate_splits(engine, task_data, collator, batch_size, env)
+        return evaluate_splits(engine, task_data, family, batch_size, env)
 
     results: dict[str, Any] = {}
     try:
