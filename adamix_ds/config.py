@@ -119,16 +119,23 @@ class AdaMixConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-        try:
-            values = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} is not an AdaMix config: a JSON {type(values).__name__}, not an object of fields")
+        values = read_json_object(path, "AdaMix config")
         try:
             return cls.from_dict(values)
         except (ValueError, TypeError) as error:  # TypeError: a field of the wrong JSON type
             raise ValueError(f"{path}: {error}") from None
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in the file ``path``; a ``ValueError`` naming ``what`` and the file when the file is not
+    UTF-8 JSON or holds another JSON type (the callers check that the file exists)."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} {path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {path} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

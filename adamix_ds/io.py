@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adamix_ds.config import AdaMixConfig
+from adamix_ds.config import AdaMixConfig, read_json_object
 from adamix_ds.layer import AdaMixLoRA, base_features
 from adamix_ds.manifest import has_manifest, verify_manifest, write_manifest
 from adamix_ds.model import adamix_layers, add_adamix, get_config, head_parameters
@@ -179,13 +179,7 @@ def read_task_record(path: str | Path) -> dict[str, Any] | None:
     file = Path(path) / TASK_NAME
     if not file.is_file():
         return None
-    try:
-        record = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file} is not valid JSON: {error}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{file} is not a task record: a JSON {type(record).__name__}, not an object")
-    return record
+    return read_json_object(file, "task record")
 
 
 def _is_module(model: nn.Module, name: str) -> bool:

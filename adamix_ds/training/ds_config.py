@@ -30,6 +30,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from adamix_ds.config import read_json_object
 from adamix_ds.training.arguments import TrainingArguments
 from adamix_ds.training.schedule import TrainSchedule
 
@@ -86,13 +87,7 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config not found: {path}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"DeepSpeed config {path} must be a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path, "DeepSpeed config")
 
 
 def build_ds_config(path: str | Path, args: TrainingArguments, world_size: int, schedule: TrainSchedule, job_name: str) -> dict[str, Any]:
