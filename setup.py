@@ -27,9 +27,13 @@ setup(
         "matplotlib>=3.8",
         # Reads GGUF checkpoints (--model_name_or_path model.gguf; transformers' GGUF loader). Tested: 0.19.0.
         "gguf>=0.10",
+        # Generation metrics of the E2E challenge (adamix_ds.data.generation_metrics): BLEU; METEOR 1.5, ROUGE-L and
+        # CIDEr-D with the PTB tokenizer (their jars need Java). Tested: sacrebleu 2.6.0, pycocoevalcap 1.2.
+        "sacrebleu>=2.3,<3",
+        "pycocoevalcap>=1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.13,<0.22", "psutil>=5.9", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.13,<0.22", "psutil>=5.9", "ruff>=0.6", "nltk>=3.8"],
         "kernels": ["triton>=3.1"],
     },
 )

@@ -47,10 +47,12 @@ class AdaMixLoss:
 
 class Objective(Protocol):
     """Which logits a task compares and how it scores them, when that is not the model's own ``loss`` and
-    ``logits`` (prompt-based classification: the LM head's logits of the label words at the mask)."""
+    ``logits`` (prompt-based classification: the LM head's logits of the label words at the mask; generation:
+    a label-smoothed token loss)."""
 
     def logits(self, model: Callable[..., object], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``[B, C]`` logits of the batch ``inputs`` (no labels) through ``model``."""
+        """``[B, C]`` logits of the batch ``inputs`` (no labels) through ``model``, or a language model's
+        ``[B, T, V]`` (compared at the target tokens of ``labels``, as without an objective)."""
         ...
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -101,12 +103,16 @@ def adamix_loss(
     with stacked_passes(getattr(model, "module", model), 2):
         out = model(**stacked)
     first, second = out.logits.chunk(2)
-    logits_a, logits_b, mask = first, second, None
-    if first.dim() == 3 and labels is not None:
-        logits_a, logits_b = first[:, :-1], second[:, :-1]
-        mask = labels[:, 1:] != -100
-    consistency = consistency_loss(logits_a, logits_b, mask)
+    consistency = _token_consistency(first, second, labels)
     return AdaMixLoss(out.loss + consistency_weight * consistency, out.loss.detach(), consistency.detach(), first)
+
+
+def _token_consistency(first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """``consistency_loss`` of two passes' logits; for a language model's ``[B, T, V]`` logits with ``labels``,
+    at target tokens only (position t predicts label t + 1, as the shifted loss; -100 marks the rest)."""
+    if first.dim() == 3 and labels is not None:
+        return consistency_loss(first[:, :-1], second[:, :-1], labels[:, 1:] != -100)
+    return consistency_loss(first, second)
 
 
 def _objective_loss(
@@ -123,5 +129,5 @@ def _objective_loss(
         logits = objective.logits(model, stacked)
     first, second = logits.chunk(2)
     task_loss = objective.loss(first, labels)
-    consistency = consistency_loss(first, second)
+    consistency = _token_consistency(first, second, labels)
     return AdaMixLoss(task_loss + consistency_weight * consistency, task_loss.detach(), consistency.detach(), first)

@@ -1,9 +1,9 @@
 """Regenerate every benchmark table and plot, and assemble ``benchmarks/RESULTS.md``.
 
-    python benchmarks/run_all.py          # what `make bench` runs (about 6 minutes on 2 idle CPU cores)
+    python benchmarks/run_all.py          # what `make bench` runs (about 10 minutes on 2 idle CPU cores)
     python benchmarks/run_all.py --fast --out-dir /tmp/bench --plot-dir /tmp/bench --results-md /tmp/bench/RESULTS.md
 
-Runs ``flops.py``, ``throughput.py`` and ``zero_memory.py`` one after another, each in its own process
+Runs ``flops.py``, ``throughput.py``, ``zero_memory.py`` and ``decode_speed.py`` one after another, each in its own process
 (so one's memory and threads cannot disturb another's timings), then writes RESULTS.md: a header with
 the machine, versions and date, each script's section, and the ``## Fused adapter kernel`` section
 (written by ``kernel_bench.py`` on a GPU) carried over unchanged. Exits 1 if any script failed.
@@ -20,7 +20,7 @@ from typing import Any
 
 from common import BENCH_DIR, RESULTS_DIR, cli, environment, markdown_table
 
-SCRIPTS = ("flops", "throughput", "zero_memory")
+SCRIPTS = ("flops", "throughput", "zero_memory", "decode_speed")
 # Scripts that draw a plot take --plot-dir.
 PLOTTING = ("flops", "throughput")
 KERNEL_HEADING = "## Fused adapter kernel"

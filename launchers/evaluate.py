@@ -24,7 +24,7 @@ import torch
 from transformers import AutoTokenizer
 
 from adamix_ds import load_adapter
-from adamix_ds.data import get_task_spec, load_task
+from adamix_ds.data import get_task_spec
 from adamix_ds.families import build_family, record_arguments
 from adamix_ds.io import read_task_record
 from adamix_ds.training import (
@@ -51,17 +51,12 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(run.model.tokenizer_name or model_path)
         # The adapter's task record (a prompt's template and label words) reads inputs as its training did.
         record = read_task_record(run.model.adapter_name_or_path)
-        options = family_options(run.data) if record is None else record_arguments(record)
+        options = family_options(run.data, run.generation)
+        if record is not None:
+            options.update(record_arguments(record))
         family = build_family(get_task_spec(run.data.task_name), tokenizer, run.data.max_seq_length, model_path, **options)
-        data = load_task(
-            run.data.task_name,
-            tokenizer,
-            max_seq_length=run.data.max_seq_length,
-            data_dir=resolve_data_dir(run.data.task_name, run.data.data_dir),
-            max_train_samples=1,  # only the eval splits are scored
-            max_eval_samples=run.data.max_eval_samples,
-            encoder=family.encoder(),
-        )
+        # Only the eval splits are scored.
+        data = family.load_data(resolve_data_dir(run.data.task_name, run.data.data_dir), 1, run.data.max_eval_samples)
         model = family.load_model(model_path)
         load_adapter(model, run.model.adapter_name_or_path)
     init_distributed(env)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train, evaluate, merge and save AdaMix on a GLUE or few-shot task with DeepSpeed: the run_glue.py of adamix-ds.
+"""Train, evaluate, merge and save AdaMix on a GLUE, few-shot or generation task with DeepSpeed: the run_glue.py of adamix-ds.
 
 The CPU demo (real MiniLM on SST-2; a few minutes on 2 cores):
     deepspeed launchers/train.py --deepspeed ds_configs/zero2.json
@@ -12,11 +12,15 @@ The paper's RoBERTa-large recipe on 8 GPUs, and a model that needs ZeRO-3 with C
     deepspeed --num_gpus 8 launchers/train.py --deepspeed ds_configs/zero3_offload.json --bf16 --model_name_or_path microsoft/deberta-v2-xxlarge ...
 Few-shot, prompt-based (the pretrained LM head predicts the task's label words; LiST's K=30 split 1):
     deepspeed launchers/train.py --task_name sst2 --data_dir ../shared/data/list/SST-2/30-1 --prompt --model_name_or_path FacebookAI/roberta-large
+Generation (E2E NLG: a causal LM writes the text of each meaning representation; beam search, five metrics):
+    deepspeed launchers/train.py --task_name e2e_nlg --model_name_or_path openai-community/gpt2-medium --method adamix \
+        --adapter_type lora --bottleneck_dim 4 --num_experts 8 --label_smoothing_factor 0.1 --weight_decay 0.01
 Several nodes: deepspeed --hostfile hostfile launchers/train.py ...; one process without a launcher: python launchers/train.py
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -37,7 +41,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoTokenizer
 
 from adamix_ds import ExpertStepGuard, add_adamix, count_parameters, enable_activation_checkpointing, load_adapter
-from adamix_ds.data import get_task_spec, load_task
+from adamix_ds.data import get_task_spec
 from adamix_ds.families import build_family
 from adamix_ds.optim import adamw_param_groups
 from adamix_ds.training import (
@@ -53,7 +57,6 @@ from adamix_ds.training import (
     evaluate_splits,
     find_checkpoint,
     init_distributed,
-    load_checkpoint,
     parse_args,
     release_shared_memory,
     resolve_data_dir,
@@ -69,6 +72,7 @@ from adamix_ds.training import (
 )
 from adamix_ds.training.arguments import DEMO_PRESET, family_options, to_dict
 from adamix_ds.training.checkpoint import CHECKPOINTS, CheckpointSaveError
+from adamix_ds.training.elastic import resume_checkpoint
 from adamix_ds.training.eval_modes import EVAL_MODES_FILE, evaluate_modes, parse_eval_modes
 from adamix_ds.training.preemption import PreemptionSignal, request_requeue
 from adamix_ds.training.runtime import logger
@@ -92,20 +96,13 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         model_path = resolve_model_path(run.model.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(run.model.tokenizer_name or model_path)
-        # The task family: sequence classification (a fresh head), or --prompt (the pretrained LM head).
-        spec = get_task_spec(run.data.task_name)
-        family = build_family(spec, tokenizer, run.data.max_seq_length, model_path, **family_options(run.data, run.adamix.train_lm_head))
+        # The task family: sequence classification (a fresh head), --prompt (the pretrained LM head), or
+        # generation (a causal LM continues the task's input; decoded and scored at evaluation).
+        options = family_options(run.data, run.generation, run.adamix.train_lm_head, args.label_smoothing_factor)
+        family = build_family(get_task_spec(run.data.task_name), tokenizer, run.data.max_seq_length, model_path, **options)
         data_dir = resolve_data_dir(run.data.task_name, run.data.data_dir)
         logger.info("data: %s from %s", run.data.task_name, data_dir or "the Hugging Face Hub")
-        data = load_task(
-            run.data.task_name,
-            tokenizer,
-            max_seq_length=run.data.max_seq_length,
-            data_dir=data_dir,
-            max_train_samples=run.data.max_train_samples,
-            max_eval_samples=run.data.max_eval_samples,
-            encoder=family.encoder(),
-        )
+        data = family.load_data(data_dir, run.data.max_train_samples, run.data.max_eval_samples)
         schedule = TrainSchedule.build(
             len(data.train),
             env.world_size,
@@ -140,11 +137,12 @@ def main(argv: list[str] | None = None) -> None:
             "train_samples": len(data.train),
             "seed": args.seed,
             "total_steps": schedule.total_steps,
+            "zero_stage": zero_stage(ds_config),
         }
         state = TrainerState(layout=layout, trainable=trainable_shapes(model))
         if checkpoint is not None:
             state = TrainerState.load(checkpoint)
-            check_resumable(checkpoint, state, layout, trainable_shapes(model))
+            check_resumable(checkpoint, state, layout, trainable_shapes(model), args.elastic_resume)
 
     # -- DeepSpeed: the engine owns the optimizer and schedule of the config; the guard gives experts that
     # no pass routed to since the last step the reference code's semantics (neither moved nor decayed).
@@ -154,8 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     guard = ExpertStepGuard(engine.module, DeepSpeedOptimizerAccess(engine))
     preemption = PreemptionSignal(engine.device)  # Slurm's SIGUSR1 before the time limit (launchers/slurm/)
+    elastic = None
     if checkpoint is not None:
-        load_checkpoint(engine, checkpoint)
+        elastic = resume_checkpoint(engine, checkpoint, state, layout, schedule, output_dir / CHECKPOINTS)
+        if elastic is not None:  # saved again on this layout: a restart continues exactly, without --elastic_resume
+            save_checkpoint(engine, output_dir, state, args.save_total_limit)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
     elif args.overwrite_output_dir and env.is_main:
         shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)  # never resume into a previous run's checkpoints
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
 
     collator = family.collator()
     loader = train_loader(data.train, collator, args.per_device_train_batch_size, env, args.seed)
-    best_key = "eval_" + (args.metric_for_best_model or spec.metric_names[0]).removeprefix("eval_")
+    best_key = "eval_" + (args.metric_for_best_model or family.metric_names[0]).removeprefix("eval_")
     best_dir = output_dir / ("best_model" if config is None else "best_adapter")
     accumulation = args.gradient_accumulation_steps
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             engine.monitor.write_events([(name.replace("_", "/", 1), value, step) for name, value in metrics.items()])
 
     def evaluate_and_keep_best(step: int) -> dict[str, float]:
-        metrics = evaluate_splits(engine, data, family, args.per_device_eval_batch_size, env)
+        metrics = evaluate_splits(engine, data, family, args.per_device_eval_batch_size, env, output_dir)
         log_events(metrics, step)
         logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         # A split without a dev set (LiST) has no best evaluation: the model is never selected on the test set.
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- Training: a step is `accumulation` micro-batches, each one or two routed passes (consistency loss).
     step = start_step = saved_step = state.global_step
-    epoch, skip = schedule.position(step)
+    epoch, skip = schedule.position(step + state.data_step_offset)
     metrics: dict[str, float] = {}
     stop = False  # set on every rank at once when any rank got the preemption signal
     window = torch.zeros(3)  # task loss, consistency loss, micro-batches since the last log line
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                     window.zero_()
                     window_start = time.perf_counter()
                 evaluated = (args.eval_strategy == "steps" and step % args.eval_steps == 0) or (
-                    args.eval_strategy == "epoch" and step % schedule.steps_per_epoch == 0
+                    args.eval_strategy == "epoch" and (step + state.data_step_offset) % schedule.steps_per_epoch == 0
                 )
                 if evaluated:
                     metrics = {**evaluate_and_keep_best(step), "step": step}
@@ -281,13 +282,14 @@ def main(argv: list[str] | None = None) -> None:
         save_model(engine, output_dir / "experts", merged=False)
     trained_samples = (step - start_step) * ds_config["train_batch_size"]
     summary = {
-        "final": {**metrics, "epoch": step / schedule.steps_per_epoch},
+        "final": {**metrics, "epoch": (step + state.data_step_offset) / schedule.steps_per_epoch},
         "best": {**state.best_metrics, "step": state.best_step},
         "train_runtime": train_runtime,
         "train_samples": trained_samples,
         "train_samples_per_second": trained_samples / train_runtime if train_runtime > 0 else 0.0,
         "train_steps_per_second": (step - start_step) / train_runtime if train_runtime > 0 else 0.0,
         "resumed_from_step": start_step,
+        "elastic_resume": None if elastic is None else dataclasses.asdict(elastic),
         "total_steps": schedule.total_steps,
         "world_size": env.world_size,
         "zero_stage": zero_stage(ds_config),

@@ -123,6 +123,15 @@ def test_zero_memory_two_ranks_partition_states(tmp_path: Path) -> None:
     assert stage[1]["optimizer_state"] == pytest.approx(stage[0]["optimizer_state"] / 2, rel=0.01)
 
 
+def test_decode_speed_fast_times_every_method_on_the_same_work(tmp_path: Path) -> None:
+    run_script("decode_speed", "--fast", "--out-dir", str(tmp_path))
+    results = json.loads((tmp_path / "decode_speed.json").read_text())
+    assert set(results["methods"]) == {"lora", "merged", "folded", "ensemble", "backbone"}
+    assert results["methods"]["lora"]["time_vs_lora"] == 1.0
+    assert all(m["tokens_per_second"] > 0 for m in results["methods"].values())
+    assert "## Decoding speed" in (tmp_path / "decode_speed.md").read_text()
+
+
 def test_run_all_keeps_the_kernel_section() -> None:
     previous = "# Benchmark results\n\n## FLOPs\nold\n\n## Fused adapter kernel\n\nkernel table\n\n### Floors\nrows\n\n## Later\nx\n"
     kernel = kernel_section(previous)

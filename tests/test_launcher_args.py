@@ -63,19 +63,20 @@ def _schedule(**overrides) -> TrainSchedule:
 # -- arguments ------------------------------------------------------------------------------------------
 
 
-def test_help_lists_the_four_groups_with_run_glue_names(launcher, capsys):
+def test_help_lists_the_five_groups_with_run_glue_and_generate_names(launcher, capsys):
     with pytest.raises(SystemExit) as exit_info:
         launcher.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for group in ("model:", "data:", "adamix:", "training:"):
+    for group in ("model:", "data:", "adamix:", "generation:", "training:"):
         assert group in text
     run_glue = (
         "--model_name_or_path --task_name --data_dir --max_seq_length --per_device_train_batch_size --gradient_accumulation_steps "
         "--learning_rate --num_train_epochs --max_steps --warmup_ratio --weight_decay --seed --output_dir --max_train_samples "
         "--max_eval_samples --eval_steps --deepspeed --bf16 --fp16 --resume_from_checkpoint"
     )
-    adamix = "--method --num_experts --bottleneck_dim --share_up --share_down --consistency_weight --eval_mode"
+    adamix = "--method --num_experts --bottleneck_dim --share_up --share_down --consistency_weight --eval_mode --target_modules"
+    adamix += " --num_beams --length_penalty --no_repeat_ngram_size --max_new_tokens --label_smoothing_factor"
     for flag in (run_glue + " " + adamix).split():
         assert flag in text
 
@@ -295,13 +296,15 @@ def test_a_non_empty_output_dir_without_checkpoint_needs_overwrite(launcher, tmp
     assert sorted(p.name for p in output_dir.iterdir()) == ["notes.txt"]
 
 
-def test_evaluation_splits_are_named_like_run_glue(monkeypatch):
+def test_evaluation_splits_are_named_like_run_glue():
+    from types import SimpleNamespace
+
     from adamix_ds.data import GLUE_TASKS, TaskData
     from adamix_ds.training import data as training_data
 
-    monkeypatch.setattr(training_data, "evaluate", lambda *args: {"accuracy": 0.5, "loss": 0.7})
+    family = SimpleNamespace(evaluate=lambda *args: {"accuracy": 0.5, "loss": 0.7})
     splits = {name: None for name in ("validation", "validation_mismatched", "test", "test_mismatched")}
-    metrics = training_data.evaluate_splits(None, TaskData(train=None, eval=splits, spec=GLUE_TASKS["mnli"]), None, 8, None)
+    metrics = training_data.evaluate_splits(None, TaskData(train=None, eval=splits, spec=GLUE_TASKS["mnli"]), family, 8, None)
     assert set(metrics) == {
         "eval_accuracy", "eval_loss", "eval_accuracy_mm", "eval_loss_mm", "test_accuracy", "test_loss", "test_accuracy_mm", "test_loss_mm"
     }  # fmt: skip

@@ -58,3 +58,30 @@ def test_recipe_runs_two_steps_on_a_tiny_backbone(recipe, tmp_path):
     assert arguments["training"]["bf16"] is True  # the recipe's own flags are in force, ours only on top
     if recipe.startswith("deberta"):
         assert arguments["training"]["gradient_checkpointing"] is True and metrics["zero_stage"] == 3
+
+
+def test_e2e_recipe_trains_decodes_and_scores_on_a_tiny_gpt2(tmp_path):
+    from test_generation import tiny_gpt2
+    from test_prompts import gpt2_tokenizer
+
+    backbone = tmp_path / "backbone"
+    tiny_gpt2().save_pretrained(backbone)
+    gpt2_tokenizer().save_pretrained(backbone)
+    env = subprocess_env()
+    env.update(MODEL=str(backbone), NUM_GPUS="1", MASTER_PORT=str(free_port()), DEEPSPEED=str(Path(VENV_BIN) / "deepspeed"))
+    output_dir = tmp_path / "run"
+    small = [
+        "--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "3", "--per_device_train_batch_size", "4",
+        "--max_seq_length", "64", "--logging_steps", "1", "--num_beams", "2", "--max_new_tokens", "6", "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    command = ["bash", str(REPO_ROOT / "launchers" / "recipes" / "gpt2_medium_e2e.sh"), *small]
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["final"]["step"] == 2 and {"test_bleu", "test_nist", "test_meteor", "test_rouge_l", "test_cider"} <= set(
+        metrics["final"]
+    )
+    arguments = json.loads((output_dir / "run_config.json").read_text())["arguments"]
+    assert arguments["training"]["label_smoothing_factor"] == 0.1 and arguments["adamix"]["num_experts"] == 8
+    assert arguments["adamix"]["consistency_weight"] == 100.0  # the task's default weight
+    assert len((output_dir / "predictions_test.txt").read_text().splitlines()) == 3

@@ -1,12 +1,14 @@
-"""GLUE data for the launcher: task specs, tokenized datasets, a padding collator and the metrics."""
+"""Task data for the launcher: task specs, tokenized datasets, a padding collator and the metrics."""
 
 from adamix_ds.data.glue import TaskData, load_task, make_collator, read_glue_folder
 from adamix_ds.data.metrics import compute_metrics
-from adamix_ds.data.tasks import GLUE_TASKS, EvalSplit, TaskSpec, get_task_spec
+from adamix_ds.data.tasks import GENERATION_TASKS, GLUE_TASKS, EvalSplit, GenerationTaskSpec, TaskSpec, get_task_spec
 
 __all__ = [
+    "GENERATION_TASKS",
     "GLUE_TASKS",
     "EvalSplit",
+    "GenerationTaskSpec",
     "TaskData",
     "TaskSpec",
     "compute_metrics",

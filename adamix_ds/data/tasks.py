@@ -9,8 +9,18 @@ mpqa, sst5, mr, cr, trec) and SNLI exist only as local files (LM-BFF's and LiST'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["EvalSplit", "TaskSpec", "GLUE_TASKS", "FEWSHOT_TASKS", "TASKS", "get_task_spec"]
+__all__ = [
+    "EvalSplit",
+    "TaskSpec",
+    "GenerationTaskSpec",
+    "GLUE_TASKS",
+    "FEWSHOT_TASKS",
+    "GENERATION_TASKS",
+    "TASKS",
+    "get_task_spec",
+]
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,8 @@ class TaskSpec:
     train_file: str = "train.tsv"
     delimiter: str = "\t"
     test_file: str = "test.tsv"
+    # The spec's default consistency weight (paper: w = 1 for classification).
+    consistency_weight: float = 1.0
 
     @property
     def hub_config(self) -> str:
@@ -77,6 +89,11 @@ class TaskSpec:
     def num_labels(self) -> int:
         """Output width of the classification head: 1 for regression, else the class count."""
         return 1 if self.is_regression else len(self.label_names)
+
+    def local_copy(self, shared_data: Path) -> Path | None:
+        """The GLUE root under ``shared_data`` (``../shared/data``) when it holds this task, else ``None``."""
+        root = shared_data / "glue"
+        return root if (root / self.glue_dir).is_dir() else None
 
 
 _ACC = ("accuracy",)
@@ -240,11 +257,55 @@ FEWSHOT_TASKS: dict[str, TaskSpec] = {
         ),
     )
 }
-TASKS: dict[str, TaskSpec] = {**GLUE_TASKS, **FEWSHOT_TASKS}
 
 
-def get_task_spec(task_name: str) -> TaskSpec:
-    """The ``TaskSpec`` of ``task_name`` (any case, like ``run_glue.py``).
+@dataclass(frozen=True)
+class GenerationTaskSpec:
+    """A data-to-text task: a meaning representation (MR) in, text out, scored by decoding each distinct MR
+    against all of its references.
+
+    Attributes:
+        name: the task's name (``"e2e_nlg"``).
+        local_folder: its folder under ``../shared/data``.
+        train_files, dev_files, test_files: the file names a data folder may hold for each split, in order of
+            preference (the challenge's CSV files first, then the LoRA code's ``mr || text`` lines).
+        hub_dataset: the Hub dataset id (columns ``meaning_representation``, ``human_reference``).
+        metric_names: the generation metrics, the main one first.
+        consistency_weight: the default weight of the token-level consistency loss (paper: 100 for GPT-2).
+    """
+
+    name: str
+    local_folder: str
+    train_files: tuple[str, ...]
+    dev_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    hub_dataset: str | None
+    metric_names: tuple[str, ...]
+    consistency_weight: float = 100.0
+
+    def local_copy(self, shared_data: Path) -> Path | None:
+        """This task's folder under ``shared_data`` (``../shared/data``) when it exists, else ``None``."""
+        folder = shared_data / self.local_folder
+        return folder if folder.is_dir() else None
+
+
+GENERATION_TASKS: dict[str, GenerationTaskSpec] = {
+    "e2e_nlg": GenerationTaskSpec(
+        name="e2e_nlg",
+        local_folder="e2e",
+        train_files=("trainset.csv", "train.txt", "lora_train.txt"),
+        dev_files=("devset.csv", "valid.txt", "lora_valid.txt"),
+        test_files=("testset_w_refs.csv", "test.txt", "lora_test.txt"),
+        hub_dataset="tuetschek/e2e_nlg",
+        metric_names=("bleu", "nist", "meteor", "rouge_l", "cider"),
+    )
+}
+TASKS: dict[str, TaskSpec | GenerationTaskSpec] = {**GLUE_TASKS, **FEWSHOT_TASKS, **GENERATION_TASKS}
+
+
+def get_task_spec(task_name: str) -> TaskSpec | GenerationTaskSpec:
+    """The spec of ``task_name`` (any case, like ``run_glue.py``): a ``TaskSpec`` for classification tasks,
+    a ``GenerationTaskSpec`` for generation tasks.
 
     Raises ``ValueError`` naming the value and the allowed names if there is none.
     """

@@ -1,24 +1,34 @@
 """The seam between the launcher and a kind of task: ``TaskFamily``.
 
-A family owns what differs between kinds of tasks — its model class, how examples become batches, which
-logits the consistency loss compares, how predictions are scored — and nothing else: the training loop,
+A family owns what differs between kinds of tasks — its model class, how its data is read and examples become
+batches, which logits the consistency loss compares, how a split is evaluated (class logits scored, or text
+decoded and scored) — and nothing else: the training loop,
 DeepSpeed, checkpoints, routing, the optimizer guard and input checks are the launcher's and the same for
 every family. ``launchers/train.py`` composes one; ``adamix_ds.families.build_family`` picks it from the flags.
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from adamix_ds.consistency import AdaMixLoss, adamix_loss
-from adamix_ds.data import TaskSpec
+from adamix_ds.data import GenerationTaskSpec, TaskData, TaskSpec, load_task
 from adamix_ds.data.glue import Encoder
+from adamix_ds.evaluation import evaluate_logits
+
+if TYPE_CHECKING:
+    import datasets
+    from deepspeed import DeepSpeedEngine
+
+    from adamix_ds.training.runtime import DistEnv
 
 __all__ = ["TaskFamily"]
 
@@ -26,18 +36,23 @@ Batch = Mapping[str, torch.Tensor]
 
 
 class TaskFamily(ABC):
-    """One kind of task (sequence classification, prompt-based classification, ...) on one task ``spec``.
+    """One kind of task (sequence classification, prompt-based classification, generation) on one task ``spec``.
 
     ``logits`` and ``loss`` make it an ``adamix_ds.consistency.Objective``: ``train_loss`` runs the AdaMix
-    passes through them, and evaluation scores ``logits`` with ``scores``.
+    passes through them; ``evaluate`` scores a split (by default ``scores`` of all ``logits``).
     """
 
     name: ClassVar[str]
 
-    def __init__(self, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    def __init__(
+        self, spec: TaskSpec | GenerationTaskSpec, tokenizer: PreTrainedTokenizerBase, max_length: int, label_smoothing: float = 0.0
+    ) -> None:
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing_factor={label_smoothing} is invalid: allowed 0 <= label_smoothing_factor < 1")
         self.spec = spec
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.label_smoothing = label_smoothing  # of the task's cross-entropy (transformers' label_smoothing_factor)
         if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padding is masked out anyway
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -50,9 +65,29 @@ class TaskFamily(ABC):
         architecture's task head)."""
         return None
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics ``evaluate`` reports (keys without prefix), the task's main metric first."""
+        return self.spec.metric_names
+
     def encoder(self) -> Encoder | None:
         """How raw text columns become model inputs (``load_task``'s ``encoder``); ``None``: the tokenizer's own."""
         return None
+
+    def load_data(
+        self, data_dir: str | os.PathLike[str] | None, max_train_samples: int | None = None, max_eval_samples: int | None = None
+    ) -> TaskData:
+        """The task's training and evaluation splits, encoded for this family (``data_dir``: see ``load_task``;
+        ``None``: the Hub). ``ValueError``/``FileNotFoundError`` name a malformed or missing file."""
+        return load_task(
+            self.spec.name,
+            self.tokenizer,
+            max_seq_length=self.max_length,
+            data_dir=data_dir,
+            max_train_samples=max_train_samples,
+            max_eval_samples=max_eval_samples,
+            encoder=self.encoder(),
+        )
 
     @abstractmethod
     def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
@@ -70,9 +105,23 @@ class TaskFamily(ABC):
         """The AdaMix training loss of ``batch`` (task loss + weighted consistency between two routed passes)."""
         return adamix_loss(model, batch, consistency_weight, objective=self)
 
-    @abstractmethod
     def scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """The task's metrics of all ``logits`` of a split, plus ``loss``, keyed without prefix."""
+        """The task's metrics of all ``logits`` of a split, plus ``loss``, keyed without prefix (what the
+        default ``evaluate`` reports; a family that evaluates otherwise need not score logits)."""
+        raise NotImplementedError(f"{type(self).__name__} does not score logits")
+
+    def evaluate(
+        self,
+        engine: DeepSpeedEngine | nn.Module,
+        dataset: datasets.Dataset,
+        batch_size: int,
+        env: DistEnv,
+        predictions: Path | None = None,
+    ) -> dict[str, float]:
+        """The metrics of ``engine`` on ``dataset`` (keys without prefix), the same on every rank; every rank
+        calls it. ``predictions`` (a path without suffix) is where a family that produces text writes it;
+        the default scores ``logits`` and writes nothing."""
+        return evaluate_logits(engine, dataset, self, batch_size, env)
 
     def record(self) -> dict[str, Any] | None:
         """What an adapter must remember to read inputs the same way later (saved as its ``task.json``)."""

@@ -38,11 +38,13 @@ class SequenceClassification(TaskFamily):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.spec.is_regression:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return F.cross_entropy(logits.float(), labels.long())
+        return F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.label_smoothing)
 
     def train_loss(self, model: Callable[..., Any], batch: Batch, consistency_weight: float) -> AdaMixLoss:
         # The model's own loss (its problem type decides it), and one pass for regression: a one-logit
-        # softmax is constant, so the consistency term cannot matter.
+        # softmax is constant, so the consistency term cannot matter. The model's loss has no label smoothing.
+        if self.label_smoothing > 0 and not self.spec.is_regression:
+            return adamix_loss(model, batch, consistency_weight, objective=self)
         return adamix_loss(model, batch, consistency_weight)
 
     def scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -24,7 +24,7 @@ from adamix_ds.data.glue import Encoder
 from adamix_ds.families.base import Batch, TaskFamily
 from adamix_ds.prompts import PromptEncoder, label_word_ids, prompt_setup
 
-__all__ = ["LM_HEAD_TRAINING", "PromptClassification", "lm_kind"]
+__all__ = ["LM_HEAD_TRAINING", "PromptClassification", "load_language_model", "lm_kind"]
 
 # What of the pretrained LM head trains (``--train_lm_head``): ``transform`` — every head parameter but the
 # vocabulary matrix: an MLM head's dense + LayerNorm + output bias, as LiST trains; a causal LM's head is
@@ -76,6 +76,22 @@ def _drop_frozen_aliases(model: nn.Module, state_dict: dict[str, Any], prefix: s
             state_dict.pop(prefix + name, None)
 
 
+def load_language_model(model_path: str, auto: type) -> nn.Module:
+    """The checkpoint at ``model_path`` through ``auto`` (``AutoModelForCausalLM``/``AutoModelForMaskedLM``) with
+    its pretrained LM head; ``ValueError`` when the head is not in the checkpoint (it would be random). Frozen
+    tied weights stay out of its state dict under their second name."""
+    model, info = auto.from_pretrained(model_path, output_loading_info=True)
+    prefix = model.base_model_prefix + "."
+    missing = [key for key in info["missing_keys"] if not key.startswith(prefix)]
+    if missing:  # a randomly initialised head would predict noise
+        raise ValueError(
+            f"model_name_or_path={model_path} has no pretrained LM head ({', '.join(missing[:3])} missing): "
+            "use a *ForMaskedLM or causal-LM checkpoint"
+        )
+    model.register_state_dict_post_hook(_drop_frozen_aliases)
+    return model
+
+
 class PromptClassification(TaskFamily):
     """Prompt-based fine-tuning through the pretrained LM head: no new classifier.
 
@@ -94,8 +110,9 @@ class PromptClassification(TaskFamily):
         template: str | None = None,
         label_words: dict[str, str] | None = None,
         train_lm_head: str = "transform",
+        label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(spec, tokenizer, max_length)
+        super().__init__(spec, tokenizer, max_length, label_smoothing)
         if train_lm_head not in LM_HEAD_TRAINING:
             raise ValueError(f"train_lm_head={train_lm_head!r} is invalid: allowed {', '.join(LM_HEAD_TRAINING)}")
         self.kind = lm_kind(model_path)
@@ -105,17 +122,7 @@ class PromptClassification(TaskFamily):
         self.train_lm_head = train_lm_head
 
     def load_model(self, model_path: str) -> nn.Module:
-        auto = AutoModelForCausalLM if self.kind == "causal" else AutoModelForMaskedLM
-        model, info = auto.from_pretrained(model_path, output_loading_info=True)
-        prefix = model.base_model_prefix + "."
-        missing = [key for key in info["missing_keys"] if not key.startswith(prefix)]
-        if missing:  # a randomly initialised head would predict noise at the mask
-            raise ValueError(
-                f"model_name_or_path={model_path} has no pretrained LM head ({', '.join(missing[:3])} missing): "
-                "--prompt predicts with the pretrained head; use a *ForMaskedLM or causal-LM checkpoint"
-            )
-        model.register_state_dict_post_hook(_drop_frozen_aliases)
-        return model
+        return load_language_model(model_path, AutoModelForCausalLM if self.kind == "causal" else AutoModelForMaskedLM)
 
     def head_modules(self, model: nn.Module) -> list[str]:
         if self.train_lm_head == "none":
@@ -173,10 +180,9 @@ class PromptClassification(TaskFamily):
         return torch.stack([1 - high, high], dim=-1)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(logits.float(), dim=-1)
         if self.spec.is_regression:
-            return F.kl_div(log_p, self._target(labels), reduction="batchmean")
-        return F.nll_loss(log_p, labels.long())
+            return F.kl_div(F.log_softmax(logits.float(), dim=-1), self._target(labels), reduction="batchmean")
+        return F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.label_smoothing)
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         """Class logits unchanged; for regression ``5 * p(high pole)``."""

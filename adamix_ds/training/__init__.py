@@ -1,6 +1,7 @@
 """Reusable pieces of the DeepSpeed launcher (``launchers/train.py``): arguments, the DeepSpeed config
 builder, expert optimizer semantics inside DeepSpeed, checkpoints and evaluation."""
 
+from adamix_ds.evaluation import eval_shard, evaluate_logits, gather_shards
 from adamix_ds.training.arguments import (
     AdaMixArguments,
     DataArguments,
@@ -23,7 +24,7 @@ from adamix_ds.training.checkpoint import (
     save_model,
     trainable_shapes,
 )
-from adamix_ds.training.data import ResumableSampler, evaluate, evaluate_splits, train_loader
+from adamix_ds.training.data import ResumableSampler, evaluate_splits, train_loader
 from adamix_ds.training.ds_config import build_ds_config, read_ds_config, zero_stage
 from adamix_ds.training.optimizer import DeepSpeedOptimizerAccess
 from adamix_ds.training.runtime import (
@@ -56,8 +57,10 @@ __all__ = [
     "configure_threads",
     "directory_bytes",
     "dist_env",
-    "evaluate",
+    "eval_shard",
+    "evaluate_logits",
     "evaluate_splits",
+    "gather_shards",
     "find_checkpoint",
     "init_distributed",
     "load_checkpoint",

@@ -1,7 +1,7 @@
-"""The launcher's command line: four typed argument groups with ``run_glue.py``'s names.
+"""The launcher's command line: five typed argument groups with ``run_glue.py``'s and ``generate``'s names.
 
-``parse_args`` turns ``argv`` into ``RunArguments`` (model, data, adamix, training); ``--help`` lists the
-groups. Every value is checked here or by the object it configures, and a bad one is a ``ValueError``
+``parse_args`` turns ``argv`` into ``RunArguments`` (model, data, adamix, generation, training); ``--help``
+lists the groups. Every value is checked here or by the object it configures, and a bad one is a ``ValueError``
 whose one-line message names it (the launcher turns it into exit code 2).
 """
 
@@ -17,7 +17,8 @@ from typing import Any, Literal, NoReturn
 from transformers import HfArgumentParser
 
 from adamix_ds.config import AdaMixConfig
-from adamix_ds.data import get_task_spec
+from adamix_ds.data import GenerationTaskSpec, get_task_spec
+from adamix_ds.families import Decoding
 from adamix_ds.gguf import gguf_model_folder, is_gguf
 from adamix_ds.prompts import parse_label_words, prompt_setup
 from adamix_ds.training.eval_modes import parse_eval_modes
@@ -36,6 +37,7 @@ DEMO_PRESET: dict[str, Any] = {
     "learning_rate": 3e-3,
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 @dataclass
@@ -64,7 +66,8 @@ class DataArguments:
     task_name: str = field(
         default=DEFAULT_TASK,
         metadata={
-            "help": "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or few-shot task (subj, mpqa, sst5, mr, cr, trec, snli)."
+            "help": "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), few-shot task (subj, mpqa, sst5, mr, cr, trec, "
+            "snli) or generation task (e2e_nlg: a causal LM writes the text of a meaning representation)."
         },
     )
     data_dir: str | None = field(
@@ -72,13 +75,17 @@ class DataArguments:
         metadata={
             "help": "A GLUE folder (glue/ or glue/SST-2), an LM-BFF k-shot folder (k-shot/SST-2/16-13: its train/dev, "
             "GLUE dev as test) or a LiST split (list/SST-2/30-1: its train, the task's test file as test); {seed} in it "
-            "becomes --seed (list/SST-2/30-{seed}: LiST trains split s with seed s). "
-            "Default: ../shared/data/glue beside the repository if it has the task, else the Hub."
+            "becomes --seed (list/SST-2/30-{seed}: LiST trains split s with seed s). e2e_nlg: a folder of E2E files "
+            "(trainset.csv, devset.csv, testset_w_refs.csv, or the LoRA code's train/valid/test.txt; without a training "
+            "file it trains on dev and evaluates on test). "
+            "Default: the task's copy in ../shared/data beside the repository if there is one, else the Hub."
         },
     )
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated; batches are padded to their longest."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N examples of every evaluation split."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep the first N examples of every evaluation split (e2e_nlg: decode the first N MRs)."}
+    )
     prompt: bool = field(
         default=False,
         metadata={
@@ -144,6 +151,13 @@ class AdaMixArguments:
         },
     )
     random_draws: int = field(default=10, metadata={"help": "Random-routing evaluations for --eval_modes random."})
+    target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated regular expressions of the modules to adapt (matched at the end of module names), for a "
+            "model without a built-in placement. Default: the built-in placement of the model type."
+        },
+    )
     train_lm_head: Literal["transform", "none", "all"] = field(
         default="transform",
         metadata={
@@ -151,6 +165,22 @@ class AdaMixArguments:
             "nothing of a causal LM's), none, or all (also the vocabulary matrix, usually tied to the input embeddings)."
         },
     )
+
+
+@dataclass
+class GenerationArguments:
+    """How a generation task decodes at evaluation (``generate``'s names; defaults: the paper's E2E settings)."""
+
+    _argument_group_name = "generation"
+
+    num_beams: int = field(default=10, metadata={"help": "Beam size."})
+    length_penalty: float = field(default=0.8, metadata={"help": "Beam scores are sum log p / generated_length ** length_penalty."})
+    no_repeat_ngram_size: int = field(default=4, metadata={"help": "No n-gram of this size twice among the generated tokens (0: off)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "At most this many generated tokens; EOS ends a hypothesis earlier."})
+
+    def decoding(self) -> Decoding:
+        """These settings as ``adamix_ds.families.Decoding`` (``ValueError`` names a bad one)."""
+        return Decoding(**dataclasses.asdict(self))
 
 
 @dataclass
@@ -181,7 +211,12 @@ class TrainingArguments:
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables it)."})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs to train (ignored when --max_steps > 0)."})
+    label_smoothing_factor: float = field(
+        default=0.0, metadata={"help": "Label smoothing of the task's cross-entropy (the paper's E2E recipe: 0.1)."}
+    )
+    num_train_epochs: float = field(
+        default=3.0, metadata={"help": "Epochs to train (ignored when --max_steps > 0); 0 evaluates the untrained model (zero-shot)."}
+    )
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to train; overrides --num_train_epochs when > 0."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warmup over this fraction of the steps."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps; overrides --warmup_ratio when > 0."})
@@ -201,6 +236,13 @@ class TrainingArguments:
         default=None,
         metadata={"help": "A checkpoint folder (output_dir/checkpoints/step-N) or checkpoints/ (its latest) to continue from."},
     )
+    elastic_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue a checkpoint written on another number of ranks, ZeRO stage or batch split (DeepSpeed's "
+            "universal checkpoint); without it a layout change is refused, as it cannot continue exactly."
+        },
+    )
     seed: int = field(default=42, metadata={"help": "Seeds initialisation, data order, dropout and routing."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; the environment's LOCAL_RANK is used."})
 
@@ -212,6 +254,7 @@ class RunArguments:
     model: ModelArguments
     data: DataArguments
     adamix: AdaMixArguments
+    generation: GenerationArguments
     training: TrainingArguments
     demo: bool = False
 
@@ -229,11 +272,11 @@ class _Parser(HfArgumentParser):
 
 
 def build_parser() -> HfArgumentParser:
-    """The parser of the four argument groups."""
+    """The parser of the five argument groups."""
     return _Parser(
-        (ModelArguments, DataArguments, AdaMixArguments, TrainingArguments),
+        (ModelArguments, DataArguments, AdaMixArguments, GenerationArguments, TrainingArguments),
         prog="train.py",
-        description="Train, evaluate, merge and save AdaMix (or a baseline method) on a GLUE task with DeepSpeed.",
+        description="Train, evaluate, merge and save AdaMix (or a baseline method) on a GLUE, few-shot or generation task with DeepSpeed.",
         allow_abbrev=False,
     )
 
@@ -244,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
     Raises ``ValueError`` naming the first bad value.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    model, data, adamix, training, unknown = build_parser().parse_args_into_dataclasses(
+    model, data, adamix, generation, training, unknown = build_parser().parse_args_into_dataclasses(
         args=argv, look_for_args_file=False, return_remaining_strings=True
     )
     if unknown:
@@ -256,7 +299,7 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
             for name, value in DEMO_PRESET.items():
                 if hasattr(group, name) and name not in given:
                     setattr(group, name, value)
-    run = RunArguments(model, data, adamix, training, demo=demo)
+    run = RunArguments(model, data, adamix, generation, training, demo=demo)
     _apply_defaults(run)
     validate(run)
     return run
@@ -279,8 +322,8 @@ def _apply_defaults(run: RunArguments) -> None:
     adamix.adapter_type = implied or adamix.adapter_type or "bottleneck"
     if adamix.num_experts is None:
         adamix.num_experts = 1 if single else 4
-    if adamix.consistency_weight is None:
-        adamix.consistency_weight = 0.0 if adamix.method != "adamix" else 1.0
+    if adamix.consistency_weight is None:  # the task's weight: 1 for classification, 100 for generation (the paper's)
+        adamix.consistency_weight = 0.0 if adamix.method != "adamix" else get_task_spec(run.data.task_name).consistency_weight
     if training.output_dir is None:
         training.output_dir = str(Path("outputs") / f"{run.data.task_name.lower()}_{adamix.method}")
     if training.deepspeed is None:
@@ -319,8 +362,8 @@ def validate(run: RunArguments) -> None:
     for name in ("adam_beta1", "adam_beta2", "warmup_ratio"):
         if not 0 <= getattr(training, name) < 1:
             raise ValueError(f"{name}={getattr(training, name)} is invalid: allowed 0 <= {name} < 1")
-    if training.max_steps <= 0 and not training.num_train_epochs > 0:
-        raise ValueError(f"num_train_epochs={training.num_train_epochs} is invalid with max_steps={training.max_steps}: allowed > 0")
+    if training.max_steps <= 0 and not training.num_train_epochs >= 0:
+        raise ValueError(f"num_train_epochs={training.num_train_epochs} is invalid with max_steps={training.max_steps}: allowed >= 0")
     if training.bf16 and training.fp16:
         raise ValueError("bf16 and fp16 are both set: allowed one of them")
     if training.eval_strategy == "steps" and training.eval_steps is None:
@@ -339,6 +382,13 @@ def validate(run: RunArguments) -> None:
         parse_eval_modes(run.adamix.eval_modes)
     if run.adamix.method != "full":
         adamix_config(run)  # AdaMixConfig validates num_experts, bottleneck_dim, ...
+    generates = isinstance(spec, GenerationTaskSpec)
+    if generates and data.prompt:
+        raise ValueError(f"prompt=True is for classification tasks: {spec.name} is a generation task (its text is the target)")
+    if not generates and run.generation != GenerationArguments():
+        changed = next(k for k, v in dataclasses.asdict(run.generation).items() if v != getattr(GenerationArguments(), k))
+        raise ValueError(f"{changed}={getattr(run.generation, changed)} needs a generation task (e2e_nlg), not {spec.name}")
+    run.generation.decoding()
     check_prompt(run.data)
 
 
@@ -355,9 +405,19 @@ def check_prompt(data: DataArguments) -> dict[str, str] | None:
     return label_words
 
 
-def family_options(data: DataArguments, train_lm_head: str = "transform") -> dict[str, Any]:
-    """``adamix_ds.families.build_family``'s keyword arguments from the data flags (and ``--train_lm_head``)."""
-    return {"prompt": data.prompt, "template": data.template, "label_words": check_prompt(data), "train_lm_head": train_lm_head}
+def family_options(
+    data: DataArguments, generation: GenerationArguments, train_lm_head: str = "transform", label_smoothing: float = 0.0
+) -> dict[str, Any]:
+    """``adamix_ds.families.build_family``'s keyword arguments from the data and generation flags (and
+    ``--train_lm_head``, ``--label_smoothing_factor``)."""
+    return {
+        "prompt": data.prompt,
+        "template": data.template,
+        "label_words": check_prompt(data),
+        "train_lm_head": train_lm_head,
+        "decoding": generation.decoding(),
+        "label_smoothing": label_smoothing,
+    }
 
 
 def adamix_config(run: RunArguments, modules_to_save: list[str] | None = None) -> AdaMixConfig | None:
@@ -378,6 +438,7 @@ def adamix_config(run: RunArguments, modules_to_save: list[str] | None = None) -
         eval_mode=adamix.eval_mode,
         eval_expert=adamix.eval_expert,
         modules_to_save=modules_to_save,
+        target_modules=None if adamix.target_modules is None else [t.strip() for t in adamix.target_modules.split(",") if t.strip()],
         seed=run.training.seed,
     )
 
@@ -397,16 +458,17 @@ def resolve_model_path(name: str) -> str:
 
 
 def resolve_data_dir(task_name: str, data_dir: str | None) -> str | None:
-    """``data_dir``, or when it is ``None`` the GLUE copy beside the repository if it has the task (else the Hub)."""
+    """``data_dir``, or when it is ``None`` the task's copy in ``../shared/data`` beside the repository if there
+    is one (GLUE, E2E), else ``None`` (the Hub)."""
     if data_dir is not None:
         return data_dir
-    local = REPO_ROOT.parent / "shared" / "data" / "glue"
-    return str(local) if (local / get_task_spec(task_name).glue_dir).is_dir() else None
+    local = get_task_spec(task_name).local_copy(SHARED_DATA)
+    return None if local is None else str(local)
 
 
 def to_dict(run: RunArguments) -> dict[str, dict[str, Any]]:
     """Plain-JSON form of all groups (written next to the results)."""
-    return {name: dataclasses.asdict(getattr(run, name)) for name in ("model", "data", "adamix", "training")}
+    return {name: dataclasses.asdict(getattr(run, name)) for name in ("model", "data", "adamix", "generation", "training")}
 
 
 @dataclass
@@ -427,6 +489,7 @@ class EvalRun:
 
     model: ModelArguments
     data: DataArguments
+    generation: GenerationArguments
     evaluation: EvalArguments
 
 
@@ -435,6 +498,7 @@ class EvalRun:
 _RUN_DEFAULTS = {
     "model": ("model_name_or_path", "tokenizer_name"),
     "data": ("task_name", "data_dir", "max_seq_length", "max_eval_samples", "prompt", "template", "label_words"),
+    "generation": tuple(field.name for field in dataclasses.fields(GenerationArguments)),
     "evaluation": ("per_device_eval_batch_size",),
 }
 
@@ -447,15 +511,15 @@ def parse_eval_args(argv: list[str] | None = None) -> EvalRun:
     (``OUT/run_config.json``) are the defaults.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser((ModelArguments, DataArguments, EvalArguments), prog="evaluate.py", allow_abbrev=False)
-    model, data, evaluation, unknown = parser.parse_args_into_dataclasses(
+    parser = _Parser((ModelArguments, DataArguments, GenerationArguments, EvalArguments), prog="evaluate.py", allow_abbrev=False)
+    model, data, generation, evaluation, unknown = parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False, return_remaining_strings=True
     )
     if unknown:
         raise ValueError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
     if model.adapter_name_or_path is None:
         raise ValueError("--adapter_name_or_path is required: the experts folder of a run (OUT/experts)")
-    run = EvalRun(model, data, evaluation)
+    run = EvalRun(model, data, generation, evaluation)
     given = {arg.split("=", 1)[0].lstrip("-").replace("-", "_") for arg in argv if arg.startswith("--")}
     run_config = Path(model.adapter_name_or_path).parent / "run_config.json"
     if run_config.is_file():
@@ -463,7 +527,12 @@ def parse_eval_args(argv: list[str] | None = None) -> EvalRun:
             saved = json.loads(run_config.read_text())["arguments"]
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{run_config} is malformed: {error}") from None
-        source = {"model": saved.get("model", {}), "data": saved.get("data", {}), "evaluation": saved.get("training", {})}
+        source = {
+            "model": saved.get("model", {}),
+            "data": saved.get("data", {}),
+            "generation": saved.get("generation", {}),
+            "evaluation": saved.get("training", {}),
+        }
         for group, names in _RUN_DEFAULTS.items():
             for name in names:
                 if name not in given and name in source[group]:
@@ -474,4 +543,5 @@ def parse_eval_args(argv: list[str] | None = None) -> EvalRun:
         if value is not None and value < 1:
             raise ValueError(f"{name}={value} is invalid: allowed an integer >= 1")
     parse_eval_modes(evaluation.eval_modes)
+    generation.decoding()
     return run

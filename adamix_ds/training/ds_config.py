@@ -19,7 +19,8 @@ nor a flag a file value.
 | tensorboard.output_path / job_name          | output_dir/runs / the run's name                 |
 
 The scheduler is DeepSpeed's ``WarmupDecayLR`` with linear warmup: ``run_glue.py``'s linear schedule.
-(DeepSpeed warms up for at least 2 steps, even with --warmup_ratio 0.)
+DeepSpeed's scheduler needs at least one warmup step and one step in all, so ``--warmup_ratio 0`` warms up for one
+step (whose learning rate is 0), and a run of zero steps (``--num_train_epochs 0``) gets a one-step schedule it never uses.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def run_values(args: TrainingArguments, world_size: int, schedule: TrainSchedule
         "optimizer.params.weight_decay": args.weight_decay,
         "scheduler.params.warmup_min_lr": 0.0,
         "scheduler.params.warmup_max_lr": args.learning_rate,
-        "scheduler.params.warmup_num_steps": schedule.warmup_steps,
-        "scheduler.params.total_num_steps": schedule.total_steps,
+        "scheduler.params.warmup_num_steps": max(1, schedule.warmup_steps),
+        "scheduler.params.total_num_steps": max(1, schedule.total_steps),
         "scheduler.params.warmup_type": "linear",
         "bf16.enabled": args.bf16,
         "fp16.enabled": args.fp16,

@@ -1,0 +1,63 @@
+"""Exact sharded evaluation across data-parallel ranks: each rank runs an interleaved shard, padded so that
+every rank runs the same number of forward passes, and the shards are gathered back in example order."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+if TYPE_CHECKING:
+    import datasets
+    from deepspeed import DeepSpeedEngine
+
+    from adamix_ds.families import TaskFamily
+    from adamix_ds.training.runtime import DistEnv
+
+__all__ = ["eval_shard", "evaluate_logits", "gather_shards"]
+
+
+def eval_shard(count: int, env: DistEnv) -> tuple[list[int], list[int]]:
+    """Rank ``r``'s share of ``count`` evaluation examples, ``r, r + W, ...``, and the same padded (by repeating
+    its last index) to the length of the longest share: ZeRO-3 gathers parameters collectively, so every rank
+    must run the same number of forward passes. The padding's outputs are dropped before scoring."""
+    own = list(range(env.rank, count, env.world_size))
+    return own, own + [own[-1] if own else 0] * (math.ceil(count / env.world_size) - len(own))
+
+
+def gather_shards(local: object, env: DistEnv) -> list:
+    """Every rank's ``local`` (a picklable shard of ``eval_shard``'s examples), by rank, on every rank."""
+    shards: list = [None] * env.world_size
+    dist.all_gather_object(shards, local)
+    return shards
+
+
+@torch.no_grad()
+def evaluate_logits(
+    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, family: TaskFamily, batch_size: int, env: DistEnv
+) -> dict[str, float]:
+    """The task metrics of ``engine`` (a DeepSpeed engine, or a plain model on every rank) on ``dataset``
+    (keys without prefix, plus ``loss``), the same on every rank: ``family`` batches the examples, gives
+    their logits and scores them. Each rank computes the logits of its ``eval_shard``; every example counts
+    exactly once."""
+    # A DeepSpeed engine's own ``training`` flag does not follow train()/eval(); its module's does.
+    was_training = getattr(engine, "module", engine).training
+    engine.eval()
+    count = len(dataset)
+    own, padded = eval_shard(count, env)
+    loader = DataLoader(Subset(dataset, padded), batch_size=batch_size, collate_fn=family.collator())
+    logits = []
+    for batch in loader:
+        inputs = {key: value.to(engine.device) for key, value in batch.items() if key != "labels"}
+        logits.append(family.logits(engine, inputs).float().cpu())
+    local = torch.cat(logits)[: len(own)]
+    predictions = torch.empty(count, *local.shape[1:])
+    for rank, shard in enumerate(gather_shards(local, env)):
+        predictions[rank :: env.world_size] = shard
+    labels = torch.as_tensor(dataset["labels"])
+    engine.train(was_training)
+    return family.scores(predictions, labels)
