@@ -6,7 +6,7 @@
 Runs ``flops.py``, ``throughput.py``, ``zero_memory.py`` and ``decode_speed.py`` one after another, each in its own process
 (so one's memory and threads cannot disturb another's timings), then writes RESULTS.md: a header with
 the machine, versions and date, each script's section, and the ``## Fused adapter kernel`` section
-(written by ``kernel_bench.py`` on a GPU) carried over unchanged. Exits 1 if any script failed.
+(written by ``kernel_bench.py`` on a GPU) and ``## Measured training runs`` carried over unchanged. Exits 1 if any script failed.
 """
 
 from __future__ import annotations
@@ -23,16 +23,22 @@ from common import BENCH_DIR, RESULTS_DIR, cli, environment, markdown_table
 SCRIPTS = ("flops", "throughput", "zero_memory", "decode_speed")
 # Scripts that draw a plot take --plot-dir.
 PLOTTING = ("flops", "throughput")
-KERNEL_HEADING = "## Fused adapter kernel"
+# Sections that no script here writes, carried over unchanged: the GPU kernel benchmark (kernel_bench.py on a GPU)
+# and the measured training runs (summaries of launchers/sweeps/*.yaml, hours of machine time).
+KEPT_HEADINGS = ("## Fused adapter kernel", "## Measured training runs")
 
 
-def kernel_section(results_md: str) -> str | None:
-    """The ``## Fused adapter kernel`` section of an existing RESULTS.md (up to the next level-2 heading), if any."""
-    match = re.search(rf"^{re.escape(KERNEL_HEADING)}\n.*?(?=^## |\Z)", results_md, flags=re.MULTILINE | re.DOTALL)
-    return match.group(0).rstrip() if match else None
+def kept_sections(results_md: str) -> list[str]:
+    """The ``KEPT_HEADINGS`` sections of an existing RESULTS.md (each up to the next level-2 heading), in that order."""
+    kept = []
+    for heading in KEPT_HEADINGS:
+        match = re.search(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", results_md, flags=re.MULTILINE | re.DOTALL)
+        if match:
+            kept.append(match.group(0).rstrip())
+    return kept
 
 
-def assemble(environment_info: dict[str, Any], timings: dict[str, float], sections: list[str], kernel: str | None) -> str:
+def assemble(environment_info: dict[str, Any], timings: dict[str, float], sections: list[str], kept: list[str]) -> str:
     """The whole RESULTS.md."""
     machine = [
         ["date", environment_info["date"]],
@@ -52,8 +58,7 @@ def assemble(environment_info: dict[str, Any], timings: dict[str, float], sectio
         "",
         *[section.rstrip() + "\n" for section in sections],
     ]
-    if kernel:
-        parts.append(kernel + "\n")
+    parts += [section + "\n" for section in kept]
     return "\n".join(parts)
 
 
@@ -66,7 +71,7 @@ def run_all(
         fast: run each script with --fast.
         out_dir: where the scripts write their JSON and markdown sections.
         plot_dir: where the scripts write their PNG plots.
-        results_md: the RESULTS.md to (re)write; its kernel section is kept.
+        results_md: the RESULTS.md to (re)write; its ``KEPT_HEADINGS`` sections are kept.
     """
     timings: dict[str, float] = {}
     failures = []
@@ -87,7 +92,7 @@ def run_all(
             section.write_text(f"## {name}\n\n**`benchmarks/{name}.py` failed (status {completed.returncode}) before writing results.**\n")
     sections = [(Path(out_dir) / f"{name}.md").read_text() for name in SCRIPTS]
     previous = results_md.read_text() if results_md.is_file() else ""
-    results_md.write_text(assemble(environment(), timings, sections, kernel_section(previous)))
+    results_md.write_text(assemble(environment(), timings, sections, kept_sections(previous)))
     print(f"wrote {results_md} ({sum(timings.values()):.0f} s)")
     return {"timings": timings, "failures": failures}
 

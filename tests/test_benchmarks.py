@@ -23,7 +23,7 @@ from tiny_models import tiny_config
 BENCHMARKS = REPO_ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from run_all import assemble, kernel_section  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from run_all import assemble, kept_sections  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 from throughput import ALLOCATOR_TUNABLES  # noqa: E402
 
 
@@ -132,11 +132,14 @@ def test_decode_speed_fast_times_every_method_on_the_same_work(tmp_path: Path) -
     assert "## Decoding speed" in (tmp_path / "decode_speed.md").read_text()
 
 
-def test_run_all_keeps_the_kernel_section() -> None:
-    previous = "# Benchmark results\n\n## FLOPs\nold\n\n## Fused adapter kernel\n\nkernel table\n\n### Floors\nrows\n\n## Later\nx\n"
-    kernel = kernel_section(previous)
-    assert kernel == "## Fused adapter kernel\n\nkernel table\n\n### Floors\nrows"
-    assert kernel_section("# Benchmark results\n\n## FLOPs\n") is None
+def test_run_all_keeps_the_kernel_and_measured_runs_sections() -> None:
+    previous = (
+        "# Benchmark results\n\n## FLOPs\nold\n\n## Measured training runs\n\nE2E\n\n## Fused adapter kernel\n\nkernel table\n\n"
+        "### Floors\nrows\n\n## Later\nx\n"
+    )
+    kept = kept_sections(previous)
+    assert kept == ["## Fused adapter kernel\n\nkernel table\n\n### Floors\nrows", "## Measured training runs\n\nE2E"]
+    assert kept_sections("# Benchmark results\n\n## FLOPs\n") == []
     environment = {
         "date": "today",
         "cpu": "cpu",
@@ -146,9 +149,9 @@ def test_run_all_keeps_the_kernel_section() -> None:
         "gpu": None,
         **dict.fromkeys(("python", "torch", "deepspeed", "transformers", "peft"), "1"),
     }
-    text = assemble(environment, {"flops": 1.0}, ["## FLOPs\nnew\n"], kernel)
+    text = assemble(environment, {"flops": 1.0}, ["## FLOPs\nnew\n"], kept)
     assert text.index("## FLOPs\nnew") < text.index("## Fused adapter kernel") and "old" not in text
-    assert kernel_section(text) == kernel
+    assert kept_sections(text) == kept
 
 
 def _tiny(model_type: str):

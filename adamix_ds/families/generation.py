@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -261,11 +262,18 @@ class CausalLMGeneration(TaskFamily):
 
     @torch.no_grad()
     def generate(
-        self, model: nn.Module, prompts: list[list[int]], batch_size: int, device: torch.device, synced_gpus: bool = False
+        self,
+        model: nn.Module,
+        prompts: list[list[int]],
+        batch_size: int,
+        device: torch.device,
+        synced_gpus: bool = False,
+        progress: bool = False,
     ) -> list[str]:
-        """Beam-search hypotheses of ``prompts`` (token ids of MR + separator), ``batch_size`` prompts at a time."""
+        """Beam-search hypotheses of ``prompts`` (token ids of MR + separator) by ``model`` (in eval mode),
+        ``batch_size`` prompts at a time; ``progress`` shows a progress bar."""
         hypotheses: list[str] = []
-        for start in range(0, len(prompts), batch_size):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="decode", unit="batch", disable=not progress, dynamic_ncols=True):
             inputs = self._left_padded(prompts[start : start + batch_size], device)
             width = inputs["input_ids"].shape[1]
             processors = LogitsProcessorList()
@@ -296,7 +304,8 @@ class CausalLMGeneration(TaskFamily):
         own, padded = eval_shard(count, env)
         # ZeRO-3 gathers every layer's parameters collectively: ranks that finish early keep stepping with the others.
         synced = env.world_size > 1 and bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
-        local = self.generate(model, [dataset[i]["input_ids"] for i in padded], batch_size, engine.device, synced)[: len(own)]
+        prompts = [dataset[i]["input_ids"] for i in padded]
+        local = self.generate(model, prompts, batch_size, engine.device, synced, progress=env.is_main)[: len(own)]
         shards = gather_shards(local, env)
         hypotheses = [shards[i % env.world_size][i // env.world_size] for i in range(count)]
         model.train(was_training)

@@ -41,6 +41,9 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 _TAG = re.compile(r"step-(\d+)")
 SCRATCH_GLOB = ".step-*.partial"
+# The layout values an elastic resume may change: ranks, ZeRO stage and how the global batch is split. The
+# data (train_samples, seed) and the step plan (total_steps) stay: they are what the resumed run continues.
+ELASTIC_KEYS = ("world_size", "zero_stage", "per_device_train_batch_size", "gradient_accumulation_steps")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -55,10 +58,13 @@ class CheckpointSaveError(RuntimeError):
 class TrainerState:
     """What the launcher needs besides DeepSpeed's own state to continue a run exactly.
 
-    ``layout`` holds the values that decide data order and routing (ranks, batch sizes, seed, data
-    size, steps); resuming under another layout could not continue exactly and is refused.
+    ``layout`` holds the values that decide data order and routing (ranks, ZeRO stage, batch sizes, seed,
+    data size, steps); resuming under another layout could not continue exactly and is refused unless the
+    run asks for an elastic resume (``adamix_ds.training.elastic``).
     ``trainable`` maps every trainable parameter to its shape: DeepSpeed loads checkpoints without frozen
     weights non-strictly, so the launcher checks the keys itself.
+    ``data_step_offset``: the data position after ``global_step`` steps is ``schedule.position(global_step +
+    data_step_offset)``; 0 unless the run continued elastically, where its steps and epochs no longer align.
     """
 
     global_step: int = 0
@@ -67,6 +73,7 @@ class TrainerState:
     best_metrics: dict[str, float] = field(default_factory=dict)
     layout: dict[str, Any] = field(default_factory=dict)
     trainable: dict[str, list[int]] = field(default_factory=dict)
+    data_step_offset: int = 0
 
     @classmethod
     def load(cls, checkpoint: Path) -> TrainerState:
@@ -160,12 +167,42 @@ def _newest_verified(root: Path) -> Path:
     raise ValueError(f"no checkpoint in {root} verifies: {'; '.join(problems)}")
 
 
-def check_resumable(checkpoint: Path, state: TrainerState, layout: dict[str, Any], trainable: dict[str, list[int]]) -> None:
-    """``ValueError`` naming the first difference that would keep ``checkpoint`` from continuing exactly."""
+def layout_changed(saved: dict[str, Any], layout: dict[str, Any]) -> bool:
+    """Whether ``layout`` differs from a checkpoint's ``saved`` one in a value an elastic resume may change."""
+    return any(saved.get(key, layout[key]) != layout[key] for key in ELASTIC_KEYS)
+
+
+def check_resumable(
+    checkpoint: Path, state: TrainerState, layout: dict[str, Any], trainable: dict[str, list[int]], elastic: bool = False
+) -> None:
+    """``ValueError`` naming the first difference that keeps ``checkpoint`` from continuing in this run.
+
+    Without ``elastic`` every layout value must be the checkpoint's (a value an older checkpoint does not
+    record is not compared). With it, the values of ``ELASTIC_KEYS`` may change, except ZeRO-0 against
+    ZeRO 1-3; the data and the lr schedule (``total_steps``) must not.
+    """
     for key, value in layout.items():
-        if state.layout.get(key) != value:
+        saved = state.layout.get(key, value)
+        if saved == value or (elastic and key in ELASTIC_KEYS):
+            continue
+        hint = ""
+        if key in ELASTIC_KEYS:
+            hint = " (pass --elastic_resume to continue it on this layout)"
+        elif key == "total_steps":
+            hint = f" (pass --max_steps {saved} to continue its lr schedule)"
+        raise ValueError(
+            f"checkpoint {checkpoint} was written with {key}={saved!r}, this run has {key}={value!r}: it cannot continue exactly{hint}"
+        )
+    if layout_changed(state.layout, layout):
+        before, after = state.layout.get("zero_stage"), layout["zero_stage"]
+        if before is None:
             raise ValueError(
-                f"checkpoint {checkpoint} was written with {key}={state.layout.get(key)!r}, this run has {key}={value!r}: it cannot continue exactly"
+                f"checkpoint {checkpoint} records no zero_stage (it predates elastic resume): it continues only on its own layout"
+            )
+        if before != after and 0 in (before, after):
+            raise ValueError(
+                f"checkpoint {checkpoint} was written at ZeRO-{before}, this run is ZeRO-{after}: an elastic resume keeps "
+                "ZeRO-0 or changes between ZeRO 1-3 (DeepSpeed's universal checkpoint has no ZeRO-0)"
             )
     missing = sorted(set(trainable) - set(state.trainable))
     unexpected = sorted(set(state.trainable) - set(trainable))
@@ -191,11 +228,11 @@ def save_checkpoint(engine: DeepSpeedEngine, output_dir: Path, state: TrainerSta
     tag = f"step-{state.global_step}"
     scratch = root / f".{tag}.partial"
     is_main = dist.get_rank() == 0
-    failure = _first_failure(_attempt(_clear_scratch, root) if is_main else None)
+    failure = first_failure(_attempt(_clear_scratch, root) if is_main else None)
     if failure is None:
-        failure = _first_failure(_save_deepspeed_files(engine, root, scratch.name))
+        failure = first_failure(_save_deepspeed_files(engine, root, scratch.name))
     if failure is None:
-        failure = _first_failure(_attempt(_commit, scratch, root / tag, state, save_total_limit) if is_main else None)
+        failure = first_failure(_attempt(_commit, scratch, root / tag, state, save_total_limit) if is_main else None)
     if failure is not None:
         if is_main:
             free = shutil.disk_usage(root).free if root.is_dir() else 0
@@ -220,7 +257,7 @@ def _attempt(function: Callable[..., object], *args: object) -> str | None:
     return None
 
 
-def _first_failure(failure: str | None) -> str | None:
+def first_failure(failure: str | None) -> str | None:
     """The first rank's failure (with its rank), ``None`` when every rank succeeded; called on all ranks."""
     failures: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(failures, failure)
