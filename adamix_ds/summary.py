@@ -100,6 +100,11 @@ def collect(sweep: Sweep) -> list[Cell]:
     return list(cells.values())
 
 
+def _scale(task: str) -> float:
+    """What a task's metrics are multiplied by in tables and plots (100: fractions shown as percentages)."""
+    return get_task_spec(task).report_scale
+
+
 def _main_metric(task: str) -> str:
     return get_task_spec(task).metric_names[0]
 
@@ -119,10 +124,11 @@ def _metric_columns(cells: list[Cell], task: str) -> list[str]:
 
 
 def markdown(sweep: Sweep, cells: list[Cell]) -> str:
-    """One table per task: a row per cell, ``mean ± std (n)`` per metric (×100), mean run time."""
+    """One table per task: a row per cell, ``mean ± std (n)`` per metric (classification ×100), mean run time."""
     lines = [f"# Sweep `{sweep.path.name}`", ""]
     lines += [
-        f"{len(sweep.runs)} runs, {sum(len(c.runs) - len(c.missing) for c in cells)} complete. Values ×100, mean ± sample std "
+        f"{len(sweep.runs)} runs, {sum(len(c.runs) - len(c.missing) for c in cells)} complete. Classification metrics ×100, generation metrics as the E2E "
+        "papers report them (BLEU, METEOR, ROUGE-L ×100; NIST, CIDEr raw); mean ± sample std "
         "(n − 1) over seeds, n = complete seeds; `eval_*` = dev metric at the end of training, `best_eval_*` = best dev evaluation "
         "during training (the paper's protocol), `test_*` = the held-out test file where the task has one.",
         "",
@@ -134,7 +140,7 @@ def markdown(sweep: Sweep, cells: list[Cell]) -> str:
         for cell in task_cells:
             row = [cell.label]
             for column in columns:
-                row.append(Stat.of(cell.metrics[column]).format(100) if column in cell.metrics else "—")
+                row.append(Stat.of(cell.metrics[column]).format(_scale(task)) if column in cell.metrics else "—")
             runtime = cell.metrics.get("train_runtime")
             row.append(f"{statistics.fmean(runtime):.0f} s" if runtime else "—")
             lines.append("| " + " | ".join(row) + " |")
@@ -199,12 +205,16 @@ def plot(sweep: Sweep, cells: list[Cell], data: dict[str, Any], output_dir: Path
             metric = _plotted_metric(complete, task)
             task_cells = [c for c in complete if c.key["task"] == task and metric in c.metrics]
             stats = [Stat.of(c.metrics[metric]) for c in task_cells]
+            scale = _scale(task)
             ax.bar(
-                range(len(stats)), [100 * s.mean for s in stats], yerr=[0 if math.isnan(s.std) else 100 * s.std for s in stats], capsize=3
+                range(len(stats)),
+                [scale * s.mean for s in stats],
+                yerr=[0 if math.isnan(s.std) else scale * s.std for s in stats],
+                capsize=3,
             )
             ax.set_xticks(range(len(stats)), [c.label for c in task_cells], rotation=45, ha="right", fontsize=7)
             ax.set_title(f"{task}: {metric}", fontsize=9)
-            lows = [100 * (s.mean - (0 if math.isnan(s.std) else s.std)) for s in stats]
+            lows = [scale * (s.mean - (0 if math.isnan(s.std) else s.std)) for s in stats]
             if lows:
                 ax.set_ylim(max(0.0, min(lows) - 5), None)
         fig.tight_layout()
@@ -225,8 +235,8 @@ def plot(sweep: Sweep, cells: list[Cell], data: dict[str, Any], output_dir: Path
                 points.sort(key=lambda p: p[0])
                 ax.errorbar(
                     [x for x, _ in points],
-                    [100 * s.mean for _, s in points],
-                    yerr=[0 if math.isnan(s.std) else 100 * s.std for _, s in points],
+                    [_scale(task) * s.mean for _, s in points],
+                    yerr=[0 if math.isnan(s.std) else _scale(task) * s.std for _, s in points],
                     marker="o",
                     capsize=3,
                     label=label,
@@ -248,7 +258,7 @@ def plot(sweep: Sweep, cells: list[Cell], data: dict[str, Any], output_dir: Path
         }
         for x, cell in enumerate(with_modes):
             for mode, (offset, color, marker, label) in styles.items():
-                values = [100 * v for v in cell["eval_modes"].get(mode, [])]
+                values = [_scale(cell["task"]) * v for v in cell["eval_modes"].get(mode, [])]
                 if not values:
                     continue
                 if mode != "merged" and len(values) > 1:
@@ -258,7 +268,7 @@ def plot(sweep: Sweep, cells: list[Cell], data: dict[str, Any], output_dir: Path
                 ax.scatter([x + offset] * len(values), values, s=24 if mode == "merged" else 8, color=color, marker=marker, zorder=3,
                            label=label if x == 0 else None)  # fmt: skip
         ax.set_xticks(range(len(with_modes)), [f"{c['task']}\n{c['label']}" for c in with_modes], fontsize=7)
-        ax.set_ylabel("dev metric ×100")
+        ax.set_ylabel("dev metric (classification ×100)")
         ax.set_title("AdaMix at inference: routing vs merged experts (paper Fig. 5)", fontsize=9)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()

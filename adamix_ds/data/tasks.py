@@ -79,6 +79,8 @@ class TaskSpec:
     test_file: str = "test.tsv"
     # The spec's default consistency weight (paper: w = 1 for classification).
     consistency_weight: float = 1.0
+    # Reports show the metrics (fractions) as percentages.
+    report_scale: float = 100.0
 
     @property
     def hub_config(self) -> str:
@@ -272,6 +274,7 @@ class GenerationTaskSpec:
         hub_dataset: the Hub dataset id (columns ``meaning_representation``, ``human_reference``).
         metric_names: the generation metrics, the main one first.
         consistency_weight: the default weight of the token-level consistency loss (paper: 100 for GPT-2).
+        report_scale: 1: the metrics are already on the scale the papers report (BLEU, METEOR, ROUGE-L x100).
     """
 
     name: str
@@ -282,6 +285,7 @@ class GenerationTaskSpec:
     hub_dataset: str | None
     metric_names: tuple[str, ...]
     consistency_weight: float = 100.0
+    report_scale: float = 1.0
 
     def local_copy(self, shared_data: Path) -> Path | None:
         """This task's folder under ``shared_data`` (``../shared/data``) when it exists, else ``None``."""
