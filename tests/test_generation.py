@@ -276,7 +276,9 @@ def _launch(command: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+# ZeRO-3 only: its lockstep decoding (synced_gpus) is the distributed case; ZeRO-2 decodes as one rank does, and
+# the launcher's other tests cover every stage's training (this run alone takes about 2 min on 2 cores).
+@pytest.mark.parametrize("stage", ["zero3"])
 def test_two_rank_e2e_run_decodes_scores_and_reevaluates_on_one_rank(gpt2_dir, tmp_path, stage):
     from test_ds_launcher import _run
 
