@@ -66,6 +66,18 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def write_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a scratch file renamed over it: readers see the old file or the
+    whole new one, never part of it; a failed write leaves no scratch file behind."""
+    path = Path(path)
+    scratch = path.with_name(f".{path.name}.tmp")
+    try:
+        scratch.write_text(text, encoding="utf-8")
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)  # left only when the write failed
+
+
 def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     params = {f"{name}.{pname}": param for name, layer in adamix_layers(model) for pname, param in layer.named_parameters(recurse=False)}
     params.update(head_parameters(model))

@@ -46,6 +46,7 @@ from adamix_ds.data.generation_metrics import score_e2e
 from adamix_ds.evaluation import eval_shard, gather_shards
 from adamix_ds.families.base import Batch, TaskFamily
 from adamix_ds.families.prompt import lm_kind, load_language_model
+from adamix_ds.io import write_atomically
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -94,12 +95,6 @@ class GeneratedNoRepeatNGram(NoRepeatNGramLogitsProcessor):
 def _one_line(text: str) -> str:
     """A hypothesis as one line of a predictions file."""
     return " ".join(text.split())
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    scratch = path.with_name(f".{path.name}.partial")
-    scratch.write_text(text, encoding="utf-8")
-    os.replace(scratch, path)
 
 
 class CausalLMGeneration(TaskFamily):
@@ -313,12 +308,12 @@ class CausalLMGeneration(TaskFamily):
         if env.is_main:
             result[0] = score_e2e(hypotheses, dataset["references"])
             if predictions is not None:
-                _write_atomically(predictions.with_suffix(".txt"), "".join(h + "\n" for h in hypotheses))
+                write_atomically(predictions.with_suffix(".txt"), "".join(h + "\n" for h in hypotheses))
                 lines = (
                     json.dumps({"mr": mr, "hypothesis": h}, ensure_ascii=False) + "\n"
                     for mr, h in zip(dataset["mr"], hypotheses, strict=True)
                 )
-                _write_atomically(predictions.with_suffix(".jsonl"), "".join(lines))
+                write_atomically(predictions.with_suffix(".jsonl"), "".join(lines))
         dist.broadcast_object_list(result, src=0)  # the metrics decide the best checkpoint: the same on every rank
         return result[0]
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 from torch import nn
 
-from adamix_ds.io import atomic_directory, gathered, save_adapter
+from adamix_ds.io import atomic_directory, gathered, save_adapter, write_atomically
 from adamix_ds.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from adamix_ds.training.runtime import dist_env, logger
 
@@ -311,7 +311,7 @@ def _commit(scratch: Path, checkpoint: Path, state: TrainerState, save_total_lim
         shutil.rmtree(checkpoint)
     os.replace(scratch, checkpoint)
     root = checkpoint.parent
-    _write_atomic(root / LATEST, checkpoint.name + "\n")
+    write_atomically(root / LATEST, checkpoint.name + "\n")
     if save_total_limit is not None:
         steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := _TAG.fullmatch(p.name)))
         for step in steps[:-save_total_limit]:
@@ -345,12 +345,3 @@ def save_model(engine: DeepSpeedEngine, path: Path, merged: bool, tokenizer: Pre
 def directory_bytes(path: Path) -> int:
     """Total size of the files under ``path``."""
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    scratch = path.with_name(f".{path.name}.tmp")
-    try:
-        scratch.write_text(text)
-        os.replace(scratch, path)
-    finally:
-        scratch.unlink(missing_ok=True)  # left only when the write failed
