@@ -27,11 +27,16 @@ partitions to CPU memory (reported separately).
 Activations are what autograd keeps for the backward, tallied tensor by tensor on the meta device through
 ``torch.autograd.graph.saved_tensors_hooks`` (each storage once, parameters excluded: frozen-aware by
 construction, since autograd saves nothing for a weight gradient that is never computed), over the stacked
-consistency passes the launcher runs, plus the backward's working memory: the gradients flowing through the
-block being differentiated, taken as ``BACKWARD_WORKING`` x the largest Transformer block's saved tensors
-(checked against the measured peak of real MiniLM steps on CPU, ``tests/test_plan.py``). With gradient
-checkpointing only each block's inputs stay, plus one block recomputed at a time with that working memory.
-The task head and loss (O(batch x hidden)) are not counted.
+consistency passes the launcher runs, plus the backward's working memory: while the op with the block's
+largest saved tensor is differentiated, the gradients of its output and its input (2 x that tensor), and the
+gradient of the hidden states flowing between blocks. With gradient checkpointing only each block's inputs
+and what is saved outside the blocks stay; the backward recomputes one block at a time, holding its saved
+tensors, the working memory above, the recomputed block output and the gradients at the block's output and
+input (3 hidden-state tensors in all). These are tensor bytes, what torch's allocator reports at the step's
+peak (``torch.cuda.max_memory_allocated`` on a GPU): checked against the peak of real MiniLM steps on CPU, as
+torch's CPU allocator reports it to the profiler (``tests/test_plan.py``). The allocator's own overhead (a GPU's
+caching allocator reserves more than it hands out; the CUDA context) is not counted. The task head and loss
+(O(batch x hidden); for an LM head, batch x sequence x vocabulary) are not counted.
 """
 
 from __future__ import annotations
@@ -107,10 +112,6 @@ PERSISTENCE_THRESHOLD = 100_000
 WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GIB = 2**30
-# The backward's working memory in units of the largest block's saved tensors. Measured on CPU (MiniLM, 2 x 4 and
-# 2 x 16 sequences of 128 tokens, with and without checkpointing) the peak exceeds what is saved (and recomputed)
-# by 1.1 to 2.8 blocks; 2.5 puts every measured peak within -7%..+22% of the estimate.
-BACKWARD_WORKING = 2.5
 
 
 @dataclass(frozen=True)
@@ -209,24 +210,34 @@ class ActivationBytes:
     largest_block: int
     block_inputs: int
     outside_blocks: int
+    largest_tensor: int
+    hidden_states: int
+
+    @property
+    def backward_working(self) -> int:
+        """The gradients the backward holds besides what is saved: the output and input gradients of the op with
+        the largest saved tensor, and the gradient of the hidden states between blocks."""
+        return 2 * self.largest_tensor + self.hidden_states
 
     @property
     def without_checkpointing(self) -> int:
         """Everything saved, plus the backward's working memory."""
-        return self.saved + int(BACKWARD_WORKING * self.largest_block)
+        return self.saved + self.backward_working
 
     @property
     def with_checkpointing(self) -> int:
-        """Block inputs and what is saved outside the blocks, plus one block recomputed with its working memory."""
-        return self.outside_blocks + self.block_inputs + int((1 + BACKWARD_WORKING) * self.largest_block)
+        """Block inputs and what is saved outside the blocks, plus one block recomputed: its saved tensors, the
+        working memory, and its recomputed output and the gradients at its output and input."""
+        return self.outside_blocks + self.block_inputs + self.largest_block + self.backward_working + 2 * self.hidden_states
 
 
 @contextlib.contextmanager
 def _tally(model: nn.Module) -> Iterator[dict[str, Any]]:
-    """Count, per Transformer block, the bytes of every storage autograd saves inside the block."""
+    """Count, per Transformer block, the bytes of every storage autograd saves inside the block, the largest of
+    them, and the blocks' inputs (the hidden states: the largest input)."""
     own = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     seen: set[int] = set()
-    tally: dict[str, Any] = {"blocks": [], "inputs": 0, "outside": 0}
+    tally: dict[str, Any] = {"blocks": [], "inputs": 0, "outside": 0, "largest": 0, "hidden": 0}
     current: list[int] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -235,6 +246,7 @@ def _tally(model: nn.Module) -> Iterator[dict[str, Any]]:
             seen.add(storage._cdata)
             if current:
                 tally["blocks"][current[-1]] += storage.nbytes()
+                tally["largest"] = max(tally["largest"], storage.nbytes())
             else:
                 tally["outside"] += storage.nbytes()
         return tensor
@@ -244,6 +256,7 @@ def _tally(model: nn.Module) -> Iterator[dict[str, Any]]:
         tally["blocks"].append(0)
         inputs = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in [*args, *kwargs.values()] if torch.is_tensor(t)}
         tally["inputs"] += sum(inputs.values())
+        tally["hidden"] = max(tally["hidden"], *inputs.values(), 0)
 
     def leave(module: nn.Module, args: tuple, output: Any) -> None:
         current.pop()
@@ -275,6 +288,8 @@ def estimate_activations(model: nn.Module, batch_size: int, seq_len: int, passes
         largest_block=max(blocks, default=0),
         block_inputs=tally["inputs"],
         outside_blocks=tally["outside"],
+        largest_tensor=tally["largest"],
+        hidden_states=tally["hidden"],
     )
 
 

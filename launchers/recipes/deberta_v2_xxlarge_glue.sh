@@ -10,8 +10,9 @@
 #   python -m adamix_ds.plan --model microsoft/deberta-v2-xxlarge --gpus 8 --zero 3 --bf16 --gradient_checkpointing \
 #     --per_device_train_batch_size 8 --max_seq_length 256 --persistence_threshold 0 --gpu_memory_gb 80
 #   1,572,888,578 parameters, 8,338,946 trained. Per 80 GB GPU on 8 GPUs at ZeRO-3: params 0.37 GiB, grads 0.00,
-#   optimizer 0.01, activations 2.67 (25.69 without checkpointing), gathered layer 0.37: total 3.42 GiB.
-#   It would fit one GPU (5.71 GiB at ZeRO-0): ZeRO-3 here buys headroom for larger batches and sequences,
+#   optimizer 0.01, activations 1.60 (24.60 without checkpointing), gathered layer 0.37: total 2.34 GiB of
+#   tensors (the CUDA context and allocator fragmentation come on top).
+#   It would fit one GPU (4.63 GiB at ZeRO-0): ZeRO-3 here buys headroom for larger batches and sequences,
 #   and the offload config is for GPUs far smaller than 80 GB.
 # Hyper-parameters: the paper's GLUE setting (ADAMIX_SPEC.md §6: AdamW, weight decay 0.1, warmup 6%, seq 128
 # there; 256 here for longer RTE/MNLI inputs). The spec gives no DeBERTa learning rate: 1e-4 is a starting point.
