@@ -26,7 +26,7 @@ train: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed launchers/train.py --deepspeed ds_configs/zero2.json
 
 test: $(STAMP) slurm
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q --durations=30 tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n auto --dist loadfile --durations=30 tests
 
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run_all.py

@@ -33,7 +33,7 @@ setup(
         "pycocoevalcap>=1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.13,<0.22", "psutil>=5.9", "ruff>=0.6", "nltk>=3.8"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "peft>=0.13,<0.22", "psutil>=5.9", "ruff>=0.6", "nltk>=3.8"],
         "kernels": ["triton>=3.1"],
     },
 )

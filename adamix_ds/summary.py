@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adamix_ds.data import get_task_spec
-from adamix_ds.sweep import Sweep, SweepRun, read_metrics
+from adamix_ds.sweep import Sweep, SweepRun, read_metrics, restore_records, save_records
 from adamix_ds.training.eval_modes import EVAL_MODES_FILE
 
 # Grid axes that measure how much training a run got: "metric vs budget" plots use them.
@@ -284,7 +284,11 @@ def _save(fig: Any, path: Path) -> Path:
 
 def summarize(sweep: Sweep, output_dir: Path | None = None) -> str:
     """Write ``summary.md``, ``summary.csv``, ``summary.json`` and the plots into ``output_dir`` (default the
-    sweep's ``output_root``); return the markdown."""
+    sweep's ``output_root``); return the markdown. Another ``output_dir`` also keeps the complete runs'
+    records (``save_records``), and the records already kept there count as complete runs."""
+    if output_dir is not None:
+        restore_records(sweep, output_dir)
+        save_records(sweep, output_dir)
     output_dir = Path(output_dir or sweep.output_root)
     cells = collect(sweep)
     output_dir.mkdir(parents=True, exist_ok=True)

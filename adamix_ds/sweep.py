@@ -43,11 +43,15 @@ import yaml
 
 from adamix_ds.training.arguments import REPO_ROOT, RunArguments, build_parser, parse_args
 from adamix_ds.training.checkpoint import CHECKPOINTS, LATEST
+from adamix_ds.training.eval_modes import EVAL_MODES_FILE
 from adamix_ds.training.runtime import free_port
 
 TRAIN_SCRIPT = REPO_ROOT / "launchers" / "train.py"
 ARRAY_SCRIPT = REPO_ROOT / "launchers" / "slurm" / "sweep.sbatch"
 METRICS_FILE = "metrics.json"
+# What a finished run's results are, without its checkpoints and adapters: a summary needs these files only.
+RECORD_FILES = (METRICS_FILE, EVAL_MODES_FILE, "run_config.json")
+RECORDS = "runs"
 LAUNCHERS = ("deepspeed", "torchrun", "python")
 SWEEP_KEYS = ("output_root", "args", "grid", "seeds", "groups")
 # Flags the sweep sets itself: a sweep file that set them would break run names or resumption.
@@ -314,6 +318,38 @@ def run_sweep(sweep: Sweep, launcher: str = "deepspeed", ranks: int = 1, print_f
             failed.append(run)
             print_fn(f"[{done}/{total}] FAILED {run.name} (exit {code}; log {log}) · {eta}")
     return failed
+
+
+def save_records(sweep: Sweep, folder: str | os.PathLike[str]) -> int:
+    """Copy every complete run's ``RECORD_FILES`` to ``folder/runs/<run name>/``; return how many runs.
+
+    A folder of records (kilobytes, where the runs' outputs are checkpoints) is what a study keeps, in git,
+    say, to continue on another machine: ``restore_records`` puts them back."""
+    saved = 0
+    for run in sweep.runs:
+        if run.is_complete() and run.output_dir.resolve() != (Path(folder) / RECORDS / run.name).resolve():
+            target = Path(folder) / RECORDS / run.name
+            target.mkdir(parents=True, exist_ok=True)
+            for name in RECORD_FILES:
+                if (run.output_dir / name).is_file():
+                    shutil.copy2(run.output_dir / name, target / name)
+            saved += 1
+    return saved
+
+
+def restore_records(sweep: Sweep, folder: str | os.PathLike[str]) -> int:
+    """Copy the records ``save_records`` kept in ``folder`` into the output folders of the runs that are not
+    complete here, which then count as complete (skipped, summarised); return how many runs."""
+    restored = 0
+    for run in sweep.runs:
+        record = Path(folder) / RECORDS / run.name
+        if not run.is_complete() and read_metrics(record / METRICS_FILE) is not None:
+            run.output_dir.mkdir(parents=True, exist_ok=True)
+            for name in RECORD_FILES:
+                if (record / name).is_file():
+                    shutil.copy2(record / name, run.output_dir / name)
+            restored += 1
+    return restored
 
 
 def task_args(sweep: Sweep, index: int) -> list[str]:

@@ -17,7 +17,9 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable
@@ -138,6 +140,35 @@ def environment() -> dict[str, Any]:
     except ImportError:
         info["peft"] = None
     return info
+
+
+def timed_rounds(
+    names: list[str], run: Callable[[str, int], None], rounds: int, steps: int = 1, warmup: int = 0, device: str = "cpu"
+) -> dict[str, list[float]]:
+    """Seconds per call of ``run(name, i)`` for each name, one value per round. Every name runs ``warmup`` calls
+    first; then each round runs every name for ``steps`` calls, in an order rotated by one each round, so that
+    machine noise hits all names alike."""
+    for name in names:
+        for i in range(warmup):
+            run(name, i)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for i in range(steps):
+                run(name, round_index * steps + i)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of ``name``'s time / ``reference``'s time in the same round."""
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -24,7 +24,6 @@ import copy
 import importlib.util
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from adamix_ds.families.generation import SEPARATOR, GeneratedNoRepeatNGram
 from adamix_ds.model import adamix_layers
 from adamix_ds.training.arguments import resolve_model_path
 
-from common import REPO_ROOT, RESULTS_DIR, cli, environment, markdown_table, single_adapter_model, write_results
+from common import REPO_ROOT, RESULTS_DIR, cli, environment, markdown_table, median_ratio, single_adapter_model, timed_rounds, write_results
 
 METHODS = ("lora", "merged", "folded", "ensemble", "backbone")
 REFERENCE = "lora"
@@ -145,13 +144,7 @@ def decode_speed(
     for name, model_ in models.items():  # warm-up, and every method really generates new_tokens tokens
         out = decode(model_, inputs, decoding, tokenizer.eos_token_id, pad)
         assert out.shape[1] == width + new_tokens, (name, out.shape)
-    seconds: dict[str, list[float]] = {name: [] for name in METHODS}
-    for round_index in range(rounds):
-        order = METHODS[round_index % len(METHODS) :] + METHODS[: round_index % len(METHODS)]
-        for name in order:
-            start = time.perf_counter()
-            decode(models[name], inputs, decoding, tokenizer.eos_token_id, pad)
-            seconds[name].append(time.perf_counter() - start)
+    seconds = timed_rounds(list(METHODS), lambda name, _: decode(models[name], inputs, decoding, tokenizer.eos_token_id, pad), rounds)
     tokens = mrs * new_tokens  # per hypothesis returned (the beams' work is in the time)
     results: dict[str, Any] = {
         "environment": environment(),
@@ -161,7 +154,7 @@ def decode_speed(
             name: {
                 "seconds": statistics.median(seconds[name]),
                 "tokens_per_second": tokens / statistics.median(seconds[name]),
-                "time_vs_lora": statistics.median(a / b for a, b in zip(seconds[name], seconds[REFERENCE], strict=True)),
+                "time_vs_lora": median_ratio(seconds, name, REFERENCE),
             }
             for name in METHODS
         },

@@ -33,7 +33,6 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,19 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from adamix_ds import AdaMixConfig, ExpertStepGuard, TorchOptimizerAccess, adamix_loss, add_adamix, build_adamw, set_eval_mode
 
-from common import BENCH_DIR, DATA_DIR, RESULTS_DIR, cli, environment, markdown_table, single_adapter_model, sst2_sentences, write_results
+from common import (
+    BENCH_DIR,
+    DATA_DIR,
+    RESULTS_DIR,
+    cli,
+    environment,
+    markdown_table,
+    median_ratio,
+    single_adapter_model,
+    sst2_sentences,
+    timed_rounds,
+    write_results,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -174,31 +185,6 @@ def load_batches(setup: Setup) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed_rounds(
-    names: list[str], run: Callable[[str, int], None], rounds: int, steps: int, warmup: int, device: str
-) -> dict[str, list[float]]:
-    """Seconds per call of ``run(name, i)`` for each name, one value per round, names interleaved and rotated."""
-    for name in names:
-        for i in range(warmup):
-            run(name, i)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            _synchronize(device)
-            start = time.perf_counter()
-            for i in range(steps):
-                run(name, round_index * steps + i)
-            _synchronize(device)
-            times[name].append((time.perf_counter() - start) / steps)
-    return times
-
-
 class ForeignLoad:
     """CPU cores that other processes kept busy while timing: on a shared machine, what the ratios are read against."""
 
@@ -215,11 +201,6 @@ class ForeignLoad:
         machine, own = psutil.cpu_times(), psutil.Process().cpu_times()
         busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
         return busy, own.user + own.system, time.perf_counter()
-
-
-def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
-    """Median over rounds of ``name``'s time / ``reference``'s time in the same round."""
-    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
 
 
 def measure_times(

@@ -5,9 +5,13 @@
     python launchers/sweep.py run SWEEP.yaml --launcher torchrun --ranks 2            # each run on 2 ranks
     python launchers/sweep.py submit SWEEP.yaml --max_parallel 8 -- --gpus-per-node 1 # ONE array job; sbatch options after --
     python launchers/sweep.py summarize SWEEP.yaml                                     # summary.{md,csv,json} + plots
+    python launchers/sweep.py summarize SWEEP.yaml --output benchmarks/quality/core     # ... + the runs' records there
+    python launchers/sweep.py run SWEEP.yaml --records benchmarks/quality/core          # those records count as done
 
 The sweep file format is documented in adamix_ds/sweep.py. Complete runs are skipped and interrupted ones
-resume, so every command can be repeated. A bad sweep file stops before anything runs: one line, exit 2.
+resume, so every command can be repeated. A study that spans machines keeps the records of its finished runs
+(metrics.json, eval_modes.json, run_config.json: kilobytes) where ``summarize --output`` writes them, and
+``run``/``submit --records`` put them back so that those runs count as complete. A bad sweep file stops before anything runs: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from adamix_ds.summary import summarize
-from adamix_ds.sweep import LAUNCHERS, load_sweep, run_sweep, submit_sweep, task_args
+from adamix_ds.sweep import LAUNCHERS, load_sweep, restore_records, run_sweep, submit_sweep, task_args
 from adamix_ds.training import dist_env, usage_errors
 
 
@@ -33,15 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("sweep", help="the sweep file (YAML)")
     run.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed", help="how each run is started")
     run.add_argument("--ranks", type=int, default=1, help="processes per run (deepspeed --num_gpus / torchrun --nproc_per_node)")
+    run.add_argument("--records", default=None, help="a folder of runs' records (summarize --output): those runs count as complete")
     submit = commands.add_parser("submit", help="submit the incomplete runs as one Slurm array job")
     submit.add_argument("sweep", help="the sweep file (YAML)")
     submit.add_argument("--max_parallel", type=int, default=None, help="at most K array tasks at once (--array=...%%K)")
     submit.add_argument("--ranks_per_node", type=int, default=None, help="ranks per run (default: the node's GPUs, or 1)")
     submit.add_argument("--wait", action="store_true", help="return when every task has ended (sbatch --wait)")
+    submit.add_argument("--records", default=None, help="a folder of runs' records (summarize --output): those runs count as complete")
     submit.add_argument("sbatch_options", nargs="*", help="extra sbatch options, after --")
     summary = commands.add_parser("summarize", help="write summary.md/.csv/.json and plots (under output_root, or --output)")
     summary.add_argument("sweep", help="the sweep file (YAML)")
-    summary.add_argument("--output", default=None, help="write the summary files here instead of output_root")
+    summary.add_argument(
+        "--output", default=None, help="write the summary files, and the complete runs' records, here instead of output_root"
+    )
     task = commands.add_parser("task-args", help="write one run's launcher flags, one per line (used by the Slurm array)")
     task.add_argument("sweep", help="the sweep file (YAML)")
     task.add_argument("--index", type=int, required=True, help="the run's index (SLURM_ARRAY_TASK_ID)")
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if options.command == "summarize":
             print(summarize(sweep, options.output), end="")
             return 0
+        if getattr(options, "records", None):
+            print(f"{restore_records(sweep, options.records)} run(s) complete from the records in {options.records}")
         if options.command == "submit":
             job = submit_sweep(sweep, options.max_parallel, options.ranks_per_node, options.sbatch_options, options.wait)
             print(f"submitted array job {job}: {len(sweep.runs)} runs; logs in {sweep.log_dir}")

@@ -17,6 +17,16 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker's in-process torch gets its share of the cores: ``make test`` runs one
+    worker per core, and OpenMP threads competing for the same cores slow everything down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def tiny_rte_sweep_args(max_steps: int) -> dict[str, object]:
     """Launcher flags of a real MiniLM run on a few RTE examples that takes seconds (for sweep tests)."""
     return {

@@ -157,6 +157,27 @@ def test_summary_mean_sample_std_n_and_missing_runs(tmp_path):
     assert Stat.of([0.5]).format(100) == "50.00 (n=1)"
 
 
+def test_records_carry_complete_runs_to_another_machine(tmp_path):
+    spec = _spec(grid={"learning_rate": [1e-3]}, groups={"adamix": {"method": "adamix", "eval_modes": "all"}})
+    sweep = load_sweep(_write(tmp_path, spec))
+    first, second = sweep.runs
+    _fake_run(first, 0.60, 0.62, 10.0, modes={"merged": {"eval_accuracy": 0.6}})
+    (second.output_dir / "checkpoints").mkdir(parents=True)  # started, not finished: no record
+    kept = tmp_path / "kept"
+    summarize(sweep, kept)
+    assert sorted(p.name for p in (kept / "runs" / first.name).iterdir()) == ["eval_modes.json", "metrics.json"]
+    assert not (kept / "runs" / second.name).exists() and (kept / "summary.md").is_file()
+
+    # Another machine, a sweep with seed 1 only: its one run is complete from the records, nothing launches.
+    fresh = load_sweep(_write(tmp_path, {**spec, "seeds": [1], "output_root": str(tmp_path / "elsewhere")}, "seed1.yaml"))
+    command = [sys.executable, SWEEP, "run", str(fresh.path), "--records", str(kept), "--launcher", "python"]
+    completed = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert f"1 run(s) complete from the records in {kept}" in completed.stdout and "1 runs, 1 complete, 0 to run" in completed.stdout
+    assert (fresh.runs[0].output_dir / "eval_modes.json").read_text() == (first.output_dir / "eval_modes.json").read_text()
+    assert "60.00 (n=1)" in summarize(fresh, kept) and len(list((kept / "runs").rglob("metrics.json"))) == 1
+
+
 @pytest.mark.slow
 def test_real_local_sweep_skips_complete_runs_and_merged_equals_the_runs_final_eval(tmp_path):
     spec = _spec(

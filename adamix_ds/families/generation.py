@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from transformers import (
 
 from adamix_ds.data import GenerationTaskSpec, TaskData
 from adamix_ds.data.e2e import E2EGroup, group_pairs, read_e2e, read_e2e_pairs
-from adamix_ds.data.generation_metrics import score_e2e
+from adamix_ds.data.generation_metrics import E2EScorer
 from adamix_ds.evaluation import eval_shard, gather_shards
 from adamix_ds.families.base import Batch, TaskFamily
 from adamix_ds.families.prompt import lm_kind, load_language_model
@@ -118,8 +119,9 @@ class CausalLMGeneration(TaskFamily):
         super().__init__(spec, tokenizer, max_length, label_smoothing)
         config = AutoConfig.from_pretrained(model_path)
         classifier = [name for name in config.architectures or [] if name.endswith("ForSequenceClassification")]
-        if classifier or lm_kind(model_path) != "causal":
-            found = classifier[0] if classifier else f"a {lm_kind(model_path)} LM"
+        kind = "classifier" if classifier else lm_kind(config, model_path)
+        if kind != "causal":
+            found = classifier[0] if classifier else f"a {kind} LM"
             raise ValueError(f"model_name_or_path={model_path} is {found}: task {spec.name} needs a causal LM (GPT-2, Llama family)")
         positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         if positions is not None and max_length + decoding.max_new_tokens > positions:
@@ -130,6 +132,9 @@ class CausalLMGeneration(TaskFamily):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer of {model_path} has no EOS token: task {spec.name} ends every reference with it")
         self.decoding = decoding
+        # One METEOR (Java) process for every evaluation of the run, started at the first; ended with the family.
+        self.scorer = E2EScorer()
+        weakref.finalize(self, self.scorer.close)
 
     @property
     def generation_config(self) -> GenerationConfig:
@@ -306,7 +311,7 @@ class CausalLMGeneration(TaskFamily):
         model.train(was_training)
         result: list[dict[str, float] | None] = [None]
         if env.is_main:
-            result[0] = score_e2e(hypotheses, dataset["references"])
+            result[0] = self.scorer.score(hypotheses, dataset["references"])
             if predictions is not None:
                 write_atomically(predictions.with_suffix(".txt"), "".join(h + "\n" for h in hypotheses))
                 lines = (

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from adamix_ds.data import TaskSpec, compute_metrics
@@ -35,10 +35,9 @@ LM_HEAD_TRAINING = ("transform", "none", "all")
 REGRESSION_RANGE = 5.0
 
 
-def lm_kind(model_path: str) -> str:
-    """``"masked"`` or ``"causal"``: which LM head the checkpoint at ``model_path`` has (its architectures,
-    else its model type); ``ValueError`` for a model type without one in transformers."""
-    config = AutoConfig.from_pretrained(model_path)
+def lm_kind(config: PretrainedConfig, model_path: str) -> str:
+    """``"masked"`` or ``"causal"``: which LM head the checkpoint at ``model_path`` (its ``config``) has: its
+    architectures, else its model type; ``ValueError`` for a model type without one in transformers."""
     architectures = config.architectures or []
     if any(name.endswith("ForMaskedLM") for name in architectures):
         return "masked"
@@ -115,7 +114,7 @@ class PromptClassification(TaskFamily):
         super().__init__(spec, tokenizer, max_length, label_smoothing)
         if train_lm_head not in LM_HEAD_TRAINING:
             raise ValueError(f"train_lm_head={train_lm_head!r} is invalid: allowed {', '.join(LM_HEAD_TRAINING)}")
-        self.kind = lm_kind(model_path)
+        self.kind = lm_kind(AutoConfig.from_pretrained(model_path), model_path)
         self.template, self.words = prompt_setup(spec, template, label_words)
         self.word_ids = label_word_ids(self.words, tokenizer)
         self.prompt = PromptEncoder(self.template, tokenizer, causal=self.kind == "causal", max_length=max_length)
