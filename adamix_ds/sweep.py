@@ -320,6 +320,14 @@ def run_sweep(sweep: Sweep, launcher: str = "deepspeed", ranks: int = 1, print_f
     return failed
 
 
+def _copy_record(source: Path, target: Path) -> None:
+    """Copy the ``RECORD_FILES`` that ``source`` has into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
 def save_records(sweep: Sweep, folder: str | os.PathLike[str]) -> int:
     """Copy every complete run's ``RECORD_FILES`` to ``folder/runs/<run name>/``; return how many runs.
 
@@ -327,12 +335,9 @@ def save_records(sweep: Sweep, folder: str | os.PathLike[str]) -> int:
     say, to continue on another machine: ``restore_records`` puts them back."""
     saved = 0
     for run in sweep.runs:
-        if run.is_complete() and run.output_dir.resolve() != (Path(folder) / RECORDS / run.name).resolve():
-            target = Path(folder) / RECORDS / run.name
-            target.mkdir(parents=True, exist_ok=True)
-            for name in RECORD_FILES:
-                if (run.output_dir / name).is_file():
-                    shutil.copy2(run.output_dir / name, target / name)
+        target = Path(folder) / RECORDS / run.name
+        if run.is_complete() and run.output_dir.resolve() != target.resolve():
+            _copy_record(run.output_dir, target)
             saved += 1
     return saved
 
@@ -344,10 +349,7 @@ def restore_records(sweep: Sweep, folder: str | os.PathLike[str]) -> int:
     for run in sweep.runs:
         record = Path(folder) / RECORDS / run.name
         if not run.is_complete() and read_metrics(record / METRICS_FILE) is not None:
-            run.output_dir.mkdir(parents=True, exist_ok=True)
-            for name in RECORD_FILES:
-                if (record / name).is_file():
-                    shutil.copy2(record / name, run.output_dir / name)
+            _copy_record(record, run.output_dir)
             restored += 1
     return restored
 

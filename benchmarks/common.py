@@ -142,6 +142,11 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed_rounds(
     names: list[str], run: Callable[[str, int], None], rounds: int, steps: int = 1, warmup: int = 0, device: str = "cpu"
 ) -> dict[str, list[float]]:
@@ -155,13 +160,11 @@ def timed_rounds(
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            if device == "cuda":
-                torch.cuda.synchronize()
+            _synchronize(device)
             start = time.perf_counter()
             for i in range(steps):
                 run(name, round_index * steps + i)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            _synchronize(device)
             times[name].append((time.perf_counter() - start) / steps)
     return times
 

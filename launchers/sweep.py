@@ -11,7 +11,8 @@
 The sweep file format is documented in adamix_ds/sweep.py. Complete runs are skipped and interrupted ones
 resume, so every command can be repeated. A study that spans machines keeps the records of its finished runs
 (metrics.json, eval_modes.json, run_config.json: kilobytes) where ``summarize --output`` writes them, and
-``run``/``submit --records`` put them back so that those runs count as complete. A bad sweep file stops before anything runs: one line, exit 2.
+``run``/``submit --records`` put them back so that those runs count as complete. A bad sweep file stops
+before anything runs: one line, exit 2.
 """
 
 from __future__ import annotations
