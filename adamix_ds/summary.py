@@ -197,8 +197,9 @@ def plot(sweep: Sweep, cells: list[Cell], data: dict[str, Any], output_dir: Path
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-    tasks = list(dict.fromkeys(c.key["task"] for c in cells))
     complete = [c for c in cells if c.metrics]
+    # A task with no complete run yet gets no panel: summary.md lists its runs as missing.
+    tasks = list(dict.fromkeys(c.key["task"] for c in complete))
     if complete:
         fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 3.2 * len(tasks)), 3.6), squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=True):

@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,21 @@ def test_summary_mean_sample_std_n_and_missing_runs(tmp_path):
     for plot in ("summary_bars.png", "summary_eval_modes.png"):
         assert (sweep.output_root / plot).stat().st_size > 1000
     assert Stat.of([0.5]).format(100) == "50.00 (n=1)"
+
+
+def test_plots_leave_out_tasks_without_a_complete_run(tmp_path):
+    # A study in progress: MRPC has no finished run yet, and the budget axis is swept.
+    grid = {"task_name": ["rte", "mrpc"], "num_train_epochs": [1, 2]}
+    sweep = load_sweep(_write(tmp_path, _spec(args={"max_seq_length": 32}, grid=grid, seeds=[1])))
+    runs = {r.name: r for r in sweep.runs}
+    for epochs, accuracy in ((1, 0.6), (2, 0.7)):
+        _fake_run(runs[f"rte/adapter/num_train_epochs-{epochs}/seed-1"], accuracy, accuracy, 10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns about a legend on an empty panel
+        text = summarize(sweep)
+    assert "`mrpc/adapter/num_train_epochs-1/seed-1`" in text
+    for plot in ("summary_bars.png", "summary_budget.png"):
+        assert (sweep.output_root / plot).stat().st_size > 1000
 
 
 def test_records_carry_complete_runs_to_another_machine(tmp_path):
