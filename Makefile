@@ -31,7 +31,7 @@ test: $(STAMP) slurm
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run_all.py
 
-# Every GPU check in one report (benchmarks/results/gpu_check.md); one line and exit 0 without a GPU. No
+# Every GPU check in one report (benchmarks/results/gpu/gpu_check.md); one line and exit 0 without a GPU. No
 # $(STAMP) prerequisite: it must install nothing, and runs with the venv as it is.
 gpu-check:
 	PYTHON=$(PY) bash benchmarks/gpu_check.sh

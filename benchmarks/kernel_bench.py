@@ -1,7 +1,7 @@
 """Fused Triton adapter vs the eager PyTorch chain, forward + backward, on one CUDA device.
 
 For each shape it times both paths (CUDA events around each iteration, after warm-up, L2 flushed
-before each, median reported), converts the median into achieved bandwidth over the shape's byte
+and the host given a head start before each, median reported), converts the median into achieved bandwidth over the shape's byte
 floor, and compares that with a device-to-device copy measured in the same run, the practical
 bandwidth ceiling. ``--floors`` prints the byte and FLOP floors as a markdown table and needs no GPU.
 
@@ -40,10 +40,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Experts in the stacked tensors and the ones chosen, so the timed path offsets into the stack.
 NUM_EXPERTS = 4
 DOWN_INDEX, UP_INDEX = 1, 2
-# Zeroed before each timed iteration: evicts L2 (50 MB on an H100), and at a few hundred microseconds
-# gives the host time to queue the whole step before the GPU reaches it, so the events time the
-# GPU's work rather than launch latency.
+# Zeroed before each timed iteration: evicts L2 (50 MB on an H100, 60 MB on an H200).
 L2_FLUSH_BYTES = 2**30
+# Then the GPU spins this many cycles (about 3 ms at 2 GHz) while the host queues the whole step, so the events
+# time the GPU's work rather than the host's: on an H200 a flush alone (0.3 ms) let every shape's time collapse
+# to the 0.5-1.3 ms the host takes to issue one autograd step, whatever its size.
+HOST_LEAD_CYCLES = 6_000_000
 
 
 @dataclass(frozen=True)
@@ -96,18 +98,28 @@ def floors_table(tokens: Sequence[int], hidden_sizes: Sequence[int], ranks: Sequ
 
 
 def _median_ms(step: Callable[[], object], warmup: int, iters: int, flush: torch.Tensor) -> float:
-    """Median milliseconds of ``step`` over ``iters`` runs, each timed alone with a cold L2."""
+    """Median GPU milliseconds of ``step`` over ``iters`` runs, each timed alone with a cold L2.
+
+    An iteration in which the GPU reached the timed region before the host had queued all of it is
+    thrown away and the lead spin doubled, so every kept time is the GPU's alone.
+    """
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(iters):
+    times: list[float] = []
+    lead_cycles = HOST_LEAD_CYCLES
+    while len(times) < iters:
         flush.zero_()
+        torch.cuda._sleep(lead_cycles)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         step()
         end.record()
+        caught_up = start.query()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        if caught_up:
+            lead_cycles *= 2
+        else:
+            times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 

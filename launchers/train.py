@@ -50,6 +50,7 @@ from adamix_ds.training import (
     TrainSchedule,
     adamix_config,
     build_ds_config,
+    check_cuda_arch_list,
     check_resumable,
     configure_threads,
     directory_bytes,
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
             args.warmup_steps,
         )
         ds_config = build_ds_config(args.deepspeed, args, env.world_size, schedule, job_name=output_dir.name)
+        if torch.cuda.is_available():  # where DeepSpeed JIT-builds its fused AdamW
+            check_cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
         torch.manual_seed(args.seed)  # the same head and expert initialisation on every rank
         model = family.load_model(model_path)
         backbone_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

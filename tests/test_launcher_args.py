@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 
 import pytest
 
-from adamix_ds.training import TrainSchedule, adamix_config, build_ds_config, parse_args, step_seed
+from adamix_ds.training import TrainSchedule, adamix_config, build_ds_config, check_cuda_arch_list, parse_args, step_seed
 from adamix_ds.training.arguments import DEFAULT_MODEL, DEMO_PRESET
 from adamix_ds.training.data import ResumableSampler
 from adamix_ds.training.runtime import DistEnv
@@ -273,6 +274,29 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(launcher, tmp_path, 
     output_dir = tmp_path / "out"
     line = _run_bad(launcher, [*TINY, "--output_dir", str(output_dir), *make_args(tmp_path)], capsys)
     assert expected in line
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("value", [None, "", "9.0", "8.0;8.6;9.0+PTX", "7.5 8.0 10.0", " 9.0 ; 12.0+PTX "])
+def test_arch_lists_deepspeed_can_build_for_pass(value):
+    check_cuda_arch_list(value)
+
+
+@pytest.mark.parametrize(("value", "named"), [("9.0a", "9.0a"), ("8.0;9.0a;10.0a+PTX", "9.0a, 10.0a+PTX"), ("sm_90", "sm_90"), ("9", "9")])
+def test_arch_lists_deepspeed_cannot_parse_are_a_value_error_naming_them(value, named):
+    with pytest.raises(
+        ValueError, match=re.escape(f"TORCH_CUDA_ARCH_LIST={value!r}: DeepSpeed cannot build its fused optimizer for {named}:")
+    ):
+        check_cuda_arch_list(value)
+
+
+def test_a_cuda_arch_list_deepspeed_cannot_parse_exits_2_and_writes_nothing(launcher, tmp_path, capsys, monkeypatch):
+    # What a CUDA image's "9.0a" does on a GPU: checked where DeepSpeed would JIT-build its fused AdamW.
+    monkeypatch.setattr(launcher.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    output_dir = tmp_path / "out"
+    line = _run_bad(launcher, [*TINY, "--output_dir", str(output_dir)], capsys)
+    assert "TORCH_CUDA_ARCH_LIST='8.0;9.0a': DeepSpeed cannot build its fused optimizer for 9.0a" in line
     assert not output_dir.exists()
 
 

@@ -25,7 +25,7 @@ from adamix_ds.training.checkpoint import (
     trainable_shapes,
 )
 from adamix_ds.training.data import ResumableSampler, evaluate_splits, train_loader
-from adamix_ds.training.ds_config import build_ds_config, read_ds_config, zero_stage
+from adamix_ds.training.ds_config import build_ds_config, check_cuda_arch_list, read_ds_config, zero_stage
 from adamix_ds.training.optimizer import DeepSpeedOptimizerAccess
 from adamix_ds.training.runtime import (
     DistEnv,
@@ -53,6 +53,7 @@ __all__ = [
     "adamix_config",
     "build_ds_config",
     "build_parser",
+    "check_cuda_arch_list",
     "check_resumable",
     "configure_threads",
     "directory_bytes",

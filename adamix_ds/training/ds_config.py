@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ from adamix_ds.training.schedule import TrainSchedule
 AUTO = "auto"
 SCHEDULER = "WarmupDecayLR"
 ADAM_OPTIMIZERS = ("Adam", "AdamW")
+# DeepSpeed 0.19 JIT-builds its fused optimizers on CUDA for the architectures in TORCH_CUDA_ARCH_LIST and parses
+# each entry as MAJOR.MINOR[+PTX]: a variant suffix, which CUDA images set ("9.0a"), fails inside
+# deepspeed.initialize after the model has loaded (ValueError: invalid literal for int(): '0a';
+# deepspeedai/DeepSpeed#8619).
+_DEEPSPEED_ARCH_ENTRY = re.compile(r"\d+\.\d+(\+PTX)?")
 
 
 def run_values(args: TrainingArguments, world_size: int, schedule: TrainSchedule, job_name: str) -> dict[str, Any]:
@@ -81,6 +87,18 @@ FLAGS = {
     "fp16.enabled": "--fp16",
     "tensorboard.output_path": "--output_dir",
 }
+
+
+def check_cuda_arch_list(value: str | None) -> None:
+    """``ValueError`` naming ``TORCH_CUDA_ARCH_LIST`` (``value``) when DeepSpeed's JIT builder cannot parse it."""
+    entries = (value or "").replace(" ", ";").split(";")
+    unparsable = [entry for entry in entries if entry and not _DEEPSPEED_ARCH_ENTRY.fullmatch(entry)]
+    if unparsable:
+        raise ValueError(
+            f"TORCH_CUDA_ARCH_LIST={value!r}: DeepSpeed cannot build its fused optimizer for {', '.join(unparsable)}: "
+            "allowed entries are MAJOR.MINOR with an optional +PTX, separated by ';' or spaces "
+            "(e.g. TORCH_CUDA_ARCH_LIST=9.0 on an H100 or H200), or leave it unset to build for the GPUs present"
+        )
 
 
 def read_ds_config(path: str | Path) -> dict[str, Any]:
