@@ -196,9 +196,10 @@ def backbone_config(name: str, num_labels: int = 2) -> PretrainedConfig:
         raise ValueError(f"backbone={name!r} is unknown: allowed {', '.join(BACKBONES)}")
     values = dict(BACKBONES[name])
     config = AutoConfig.for_model(values.pop("model_type"), num_labels=num_labels, **values)
-    # No pad id: transformers would otherwise look for padding in the ids, a data-dependent check that
+    # A pad id only where the model derives its position ids from it (RoBERTa: 1, as published; the batches'
+    # ids are 0). Elsewhere none: transformers would look for padding in the ids, a data-dependent check that
     # meta tensors cannot answer. Every benchmark batch is full, and the pad id changes no FLOP.
-    config.pad_token_id = None
+    config.pad_token_id = 1 if config.model_type == "roberta" else None
     return config
 
 
@@ -227,9 +228,12 @@ def structural_copy(model: nn.Module) -> nn.Module:
 
 
 def token_inputs(batch_size: int, seq_len: int, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """A full batch of token ids with explicit position ids (RoBERTa would derive them from the pad id)."""
-    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
-    return {"input_ids": ids, "position_ids": torch.arange(seq_len, device=device).expand(batch_size, seq_len)}
+    """A full batch of token ids, nothing else: each model derives its position ids and an all-ones mask.
+
+    Given position ids or a mask, transformers (5.25) checks them for packed sequences or padding:
+    data-dependent questions that meta tensors cannot answer.
+    """
+    return {"input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)}
 
 
 def training_labels(config: PretrainedConfig, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -26,6 +26,8 @@ sys.path.insert(0, str(BENCHMARKS))
 from run_all import assemble, kept_sections  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 from throughput import ALLOCATOR_TUNABLES  # noqa: E402
 
+from common import token_inputs  # noqa: E402
+
 
 def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     completed = subprocess.run(
@@ -160,7 +162,9 @@ def _tiny(model_type: str):
     if model_type == "deberta-v2":
         extra = dict(relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"], share_att_key=True, conv_kernel_size=3)
     config = tiny_config(model_type, num_labels=3, **extra)
-    config.pad_token_id = None
+    # RoBERTa derives its position ids from the pad id (1, as published; the batch's ids are 0). The others need
+    # none, and with one DeBERTa-v2 and GPT-2 ask the meta tensors data-dependent questions about padding.
+    config.pad_token_id = 1 if model_type == "roberta" else None
     with torch.device("meta"):
         if model_type == "gpt2":
             return GPT2LMHeadModel._from_config(config, attn_implementation="eager")
@@ -174,10 +178,7 @@ def test_closed_form_flops_equal_flop_counter_mode(model_type: str, adapter_type
     config = AdaMixConfig(adapter_type=adapter_type, bottleneck_dim=4, num_experts=3)
     add_adamix(model, config)
     batch_size, seq_len = 2, 10
-    inputs = {
-        "input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta"),
-        "position_ids": torch.arange(seq_len, device="meta").expand(batch_size, seq_len),
-    }
+    inputs = token_inputs(batch_size, seq_len, "meta")
     labels = inputs["input_ids"] if model_type == "gpt2" else inputs["input_ids"][:, 0]
     counts = {}
     with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
