@@ -1,9 +1,10 @@
 """Fused Triton adapter vs the eager PyTorch chain, forward + backward, on one CUDA device.
 
-For each shape it times both paths (CUDA events around each iteration, after warm-up, L2 flushed
-and the host given a head start before each, median reported), converts the median into achieved bandwidth over the shape's byte
-floor, and compares that with a device-to-device copy measured in the same run, the practical
-bandwidth ceiling. ``--floors`` prints the byte and FLOP floors as a markdown table and needs no GPU.
+For each shape it times both paths (CUDA events around each iteration, after warm-up, L2 flushed and
+the host given a head start before each, median reported), converts the median into achieved
+bandwidth over the shape's byte floor, and compares that with a device-to-device copy measured in the
+same run, the practical bandwidth ceiling. ``--floors`` prints the byte and FLOP floors as a markdown
+table and needs no GPU.
 
     python benchmarks/kernel_bench.py            # full sweep
     python benchmarks/kernel_bench.py --fast     # a corner subset, fewer iterations
