@@ -196,11 +196,18 @@ def backbone_config(name: str, num_labels: int = 2) -> PretrainedConfig:
         raise ValueError(f"backbone={name!r} is unknown: allowed {', '.join(BACKBONES)}")
     values = dict(BACKBONES[name])
     config = AutoConfig.for_model(values.pop("model_type"), num_labels=num_labels, **values)
-    # A pad id only where the model derives its position ids from it (RoBERTa: 1, as published; the batches'
-    # ids are 0). Elsewhere none: transformers would look for padding in the ids, a data-dependent check that
-    # meta tensors cannot answer. Every benchmark batch is full, and the pad id changes no FLOP.
-    config.pad_token_id = 1 if config.model_type == "roberta" else None
+    config.pad_token_id = meta_pad_token_id(config.model_type)
     return config
+
+
+def meta_pad_token_id(model_type: str) -> int | None:
+    """The pad id a ``model_type`` model counted on ``token_inputs`` batches needs.
+
+    One only where the model derives its position ids from it (RoBERTa: 1, as published; the batches' ids
+    are 0). Elsewhere none: transformers would look for padding in the ids, a data-dependent check that meta
+    tensors cannot answer. Every benchmark batch is full, and the pad id changes no FLOP.
+    """
+    return 1 if model_type == "roberta" else None
 
 
 def build_backbone(name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> nn.Module:

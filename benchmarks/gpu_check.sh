@@ -4,9 +4,10 @@
 #   2. benchmarks/kernel_bench.py, the full shape grid (fused vs eager fwd+bwd, achieved bandwidth vs a device copy)
 #   3. a 2-step AdaMix run of launchers/train.py on the GPU (bf16, ZeRO-2, DeepSpeed's fused AdamW)
 #   4. benchmarks/throughput.py on the GPU (bf16, its default rounds)
-# Installs nothing: it uses the venv as it is (PYTHON, default .venv/bin/python). One report, gpu_check.md, and
-# every step's full output (steps.log), throughput's JSON, table and plot, all in RESULTS_DIR (default benchmarks/results/gpu). Steps run most important
-# first, each under its own time limit; the whole stays under 10 min.
+# Installs nothing: it uses the venv as it is (PYTHON, default .venv/bin/python). One report, gpu_check.md,
+# every step's full output (steps.log), and throughput's JSON, table and plot, all in RESULTS_DIR (default
+# benchmarks/results/gpu). Steps run most important first, each under its own time limit; the whole stays
+# under 10 min.
 # Without a GPU it prints one line and exits 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."

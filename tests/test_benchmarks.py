@@ -26,7 +26,7 @@ sys.path.insert(0, str(BENCHMARKS))
 from run_all import assemble, kept_sections  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 from throughput import ALLOCATOR_TUNABLES  # noqa: E402
 
-from common import token_inputs  # noqa: E402
+from common import meta_pad_token_id, token_inputs  # noqa: E402
 
 
 def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -162,9 +162,7 @@ def _tiny(model_type: str):
     if model_type == "deberta-v2":
         extra = dict(relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"], share_att_key=True, conv_kernel_size=3)
     config = tiny_config(model_type, num_labels=3, **extra)
-    # RoBERTa derives its position ids from the pad id (1, as published; the batch's ids are 0). The others need
-    # none, and with one DeBERTa-v2 and GPT-2 ask the meta tensors data-dependent questions about padding.
-    config.pad_token_id = 1 if model_type == "roberta" else None
+    config.pad_token_id = meta_pad_token_id(model_type)
     with torch.device("meta"):
         if model_type == "gpt2":
             return GPT2LMHeadModel._from_config(config, attn_implementation="eager")
