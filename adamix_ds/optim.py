@@ -107,20 +107,34 @@ class ExpertStepGuard:
         return result
 
 
-def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The trainable parameters in the recipe's two groups: weight decay on weights, none on biases.
+def routed_expert_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """The parameters that hold several experts of one projection: each step trains only the routed ones."""
+    return {
+        param
+        for _, layer in adamix_layers(model)
+        for projection in Projection
+        if layer.experts_in(projection) > 1
+        for param in layer.projection_parameters(projection)
+    }
 
-    Also what a DeepSpeed engine takes as ``model_parameters`` for the optimizer of its config.
+
+def adamw_param_groups(model: nn.Module, weight_decay: float, expert_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """The trainable parameters in the recipe's groups: weight decay on weights, none on biases.
+
+    Every group has an ``lr_scale``, its learning rate's multiple of the run's: ``expert_lr_scale`` for the
+    routed experts (``routed_expert_parameters``), which then form groups of their own, 1 for the rest.
+    Also what a DeepSpeed engine takes as ``model_parameters`` for the optimizer of its config
+    (``adamix_ds.training.ds_config.scale_group_learning_rates`` gives its schedule the scales).
     """
-    decay, no_decay = [], []
+    experts = routed_expert_parameters(model) if expert_lr_scale != 1 else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}  # (routed expert, undecayed) -> parameters
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if name.endswith("bias") or param.dim() < 2 else decay).append(param)
-    groups: list[dict[str, Any]] = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+            groups.setdefault((param in experts, name.endswith("bias") or param.dim() < 2), []).append(param)
+    return [
+        {"params": groups[key], "weight_decay": 0.0 if key[1] else weight_decay, "lr_scale": expert_lr_scale if key[0] else 1.0}
+        for key in sorted(groups)  # decayed before undecayed, then the experts' groups: one order on every rank
     ]
-    return [g for g in groups if g["params"]]
 
 
 def build_adamw(

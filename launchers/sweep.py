@@ -11,7 +11,7 @@
 The sweep file format is documented in adamix_ds/sweep.py. Complete runs are skipped and interrupted ones
 resume, so every command can be repeated. A study that spans machines keeps the records of its finished runs
 (metrics.json, eval_modes.json, run_config.json: kilobytes) where ``summarize --output`` writes them, and
-``run``/``submit --records`` put them back so that those runs count as complete. A bad sweep file stops
+``run``/``submit --records`` (one or more folders) put them back so that those runs count as complete. A bad sweep file stops
 before anything runs: one line, exit 2.
 """
 
@@ -29,6 +29,8 @@ from adamix_ds.summary import summarize
 from adamix_ds.sweep import LAUNCHERS, load_sweep, restore_records, run_sweep, submit_sweep, task_args
 from adamix_ds.training import dist_env, usage_errors
 
+RECORDS_HELP = "a folder of runs' records (summarize --output), repeatable: those runs count as complete"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``run``, ``submit``, ``summarize`` and ``task-args`` commands."""
@@ -38,13 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("sweep", help="the sweep file (YAML)")
     run.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed", help="how each run is started")
     run.add_argument("--ranks", type=int, default=1, help="processes per run (deepspeed --num_gpus / torchrun --nproc_per_node)")
-    run.add_argument("--records", default=None, help="a folder of runs' records (summarize --output): those runs count as complete")
+    run.add_argument("--records", action="append", default=[], help=RECORDS_HELP)
     submit = commands.add_parser("submit", help="submit the incomplete runs as one Slurm array job")
     submit.add_argument("sweep", help="the sweep file (YAML)")
     submit.add_argument("--max_parallel", type=int, default=None, help="at most K array tasks at once (--array=...%%K)")
     submit.add_argument("--ranks_per_node", type=int, default=None, help="ranks per run (default: the node's GPUs, or 1)")
     submit.add_argument("--wait", action="store_true", help="return when every task has ended (sbatch --wait)")
-    submit.add_argument("--records", default=None, help="a folder of runs' records (summarize --output): those runs count as complete")
+    submit.add_argument("--records", action="append", default=[], help=RECORDS_HELP)
     submit.add_argument("sbatch_options", nargs="*", help="extra sbatch options, after --")
     summary = commands.add_parser("summarize", help="write summary.md/.csv/.json and plots (under output_root, or --output)")
     summary.add_argument("sweep", help="the sweep file (YAML)")
@@ -69,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         if options.command == "summarize":
             print(summarize(sweep, options.output), end="")
             return 0
-        if getattr(options, "records", None):
-            print(f"{restore_records(sweep, options.records)} run(s) complete from the records in {options.records}")
+        for records in getattr(options, "records", []):
+            print(f"{restore_records(sweep, records)} run(s) complete from the records in {records}")
         if options.command == "submit":
             job = submit_sweep(sweep, options.max_parallel, options.ranks_per_node, options.sbatch_options, options.wait)
             print(f"submitted array job {job}: {len(sweep.runs)} runs; logs in {sweep.log_dir}")

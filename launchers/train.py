@@ -64,6 +64,7 @@ from adamix_ds.training import (
     resolve_model_path,
     save_checkpoint,
     save_model,
+    scale_group_learning_rates,
     setup_logging,
     step_seed,
     train_loader,
@@ -150,9 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     # -- DeepSpeed: the engine owns the optimizer and schedule of the config; the guard gives experts that
     # no pass routed to since the last step the reference code's semantics (neither moved nor decayed).
     init_distributed(env)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=adamw_param_groups(model, args.weight_decay), config=ds_config
-    )
+    param_groups = adamw_param_groups(model, args.weight_decay, run.adamix.expert_lr_scale)
+    ds_config = scale_group_learning_rates(ds_config, param_groups)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
     guard = ExpertStepGuard(engine.module, DeepSpeedOptimizerAccess(engine))
     preemption = PreemptionSignal(engine.device)  # Slurm's SIGUSR1 before the time limit (launchers/slurm/)
     elastic = None

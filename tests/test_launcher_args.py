@@ -246,6 +246,11 @@ BAD_INPUTS = {
     ),
     "accumulation beyond the data": (lambda tmp: ["--gradient_accumulation_steps", "64"], "gradient_accumulation_steps=64"),
     "num_experts < 1": (lambda tmp: ["--num_experts", "0"], "num_experts=0"),
+    "non-positive expert lr scale": (lambda tmp: ["--expert_lr_scale", "0"], "expert_lr_scale=0.0 is invalid: allowed a positive number"),
+    "expert lr scale without routed experts": (
+        lambda tmp: ["--method", "adapter", "--expert_lr_scale", "2"],
+        "expert_lr_scale=2.0 needs routed experts: --method adapter with num_experts=1 has none",
+    ),
     "bottleneck larger than hidden": (lambda tmp: ["--bottleneck_dim", "1000"], "bottleneck_dim=1000"),
     "adapter from another architecture": (lambda tmp: ["--adapter_name_or_path", str(_foreign_adapter(tmp))], "foreign_adapter"),
     "non-positive batch size": (lambda tmp: ["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0"),

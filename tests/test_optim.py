@@ -1,12 +1,19 @@
-"""Reference optimizer semantics: an expert not routed to is neither moved nor decayed by a step."""
+"""Reference optimizer semantics: an expert not routed to is neither moved nor decayed by a step; the optimizer's
+parameter groups (weight decay, and a learning-rate scale for the routed experts)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from adamix_ds import AdaMixBottleneck, AdaMixConfig, ExpertStepGuard, TorchOptimizerAccess
+from adamix_ds import AdaMixBottleneck, AdaMixConfig, ExpertStepGuard, TorchOptimizerAccess, add_adamix
+from adamix_ds.model import adamix_layers
+from adamix_ds.optim import adamw_param_groups
 from adamix_ds.routing import Projection
+from adamix_ds.training import scale_group_learning_rates
+
+from tiny_models import tiny_classifier
 
 EXPERTS, HIDDEN, RANK = 4, 16, 4
 
@@ -80,3 +87,43 @@ def test_over_many_steps_each_step_touches_only_its_routed_experts():
             if k not in used and moments:
                 assert torch.equal(optimizer.state[layer.down_weight]["exp_avg"][k], moments["exp_avg"][k])
     assert touched == set(range(EXPERTS))
+
+
+def _groups_by_name(model: nn.Module, expert_lr_scale: float) -> list[tuple[float, float, set[str]]]:
+    names = {param: name for name, param in model.named_parameters()}
+    return [
+        (group["weight_decay"], group["lr_scale"], {names[p] for p in group["params"]})
+        for group in adamw_param_groups(model, 0.1, expert_lr_scale)
+    ]
+
+
+def test_param_groups_without_scaling_are_the_recipes_two():
+    model = add_adamix(tiny_classifier("bert"), AdaMixConfig(bottleneck_dim=4, num_experts=EXPERTS))
+    (decay, scale, weights), (no_decay, other_scale, biases) = _groups_by_name(model, 1.0)
+    assert (decay, no_decay, scale, other_scale) == (0.1, 0.0, 1.0, 1.0)
+    assert weights | biases == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(name.endswith("bias") for name in biases) and not any(name.endswith("bias") for name in weights)
+
+
+@pytest.mark.parametrize("share_up", [True, False])
+def test_expert_lr_scale_puts_exactly_the_routed_experts_in_groups_of_their_own(share_up):
+    model = add_adamix(tiny_classifier("bert"), AdaMixConfig(bottleneck_dim=4, num_experts=EXPERTS, share_up=share_up))
+    groups = _groups_by_name(model, 2.5)
+    scaled = set().union(*(names for _, scale, names in groups if scale == 2.5))
+    routed = {"down_weight", "down_bias"} | (set() if share_up else {"up_weight", "up_bias"})
+    expected = {f"{layer}.{name}" for layer, _ in adamix_layers(model) for name in routed}
+    assert scaled == expected and len(groups) == 4
+    assert [(decay, scale) for decay, scale, _ in groups] == [(0.1, 1.0), (0.0, 1.0), (0.1, 2.5), (0.0, 2.5)]
+    # The head (and a shared up projection) are trained every step: the run's learning rate.
+    unscaled = set().union(*(names for _, scale, names in groups if scale == 1.0))
+    assert unscaled == {n for n, p in model.named_parameters() if p.requires_grad} - expected
+    assert any("classifier" in name for name in unscaled) and any(name.endswith("up_weight") for name in unscaled) == share_up
+
+
+def test_schedule_peaks_scale_per_group_and_stay_a_number_without_scaling():
+    model = add_adamix(tiny_classifier("bert"), AdaMixConfig(bottleneck_dim=4, num_experts=EXPERTS))
+    config = {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 3e-3}}}
+    assert scale_group_learning_rates(config, adamw_param_groups(model, 0.1)) is config
+    scaled = scale_group_learning_rates(config, adamw_param_groups(model, 0.1, 2.0))
+    assert scaled["scheduler"]["params"]["warmup_max_lr"] == [3e-3, 3e-3, 6e-3, 6e-3]
+    assert config["scheduler"]["params"]["warmup_max_lr"] == 3e-3  # the caller's config is left as it was

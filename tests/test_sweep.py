@@ -186,9 +186,12 @@ def test_records_carry_complete_runs_to_another_machine(tmp_path):
 
     # Another machine, a sweep with seed 1 only: its one run is complete from the records, nothing launches.
     fresh = load_sweep(_write(tmp_path, {**spec, "seeds": [1], "output_root": str(tmp_path / "elsewhere")}, "seed1.yaml"))
-    command = [sys.executable, SWEEP, "run", str(fresh.path), "--records", str(kept), "--launcher", "python"]
+    unrelated = tmp_path / "unrelated"  # a second --records folder, of another study
+    (unrelated / "runs").mkdir(parents=True)
+    command = [sys.executable, SWEEP, "run", str(fresh.path), "--records", str(unrelated), "--records", str(kept), "--launcher", "python"]
     completed = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert f"0 run(s) complete from the records in {unrelated}" in completed.stdout
     assert f"1 run(s) complete from the records in {kept}" in completed.stdout and "1 runs, 1 complete, 0 to run" in completed.stdout
     assert (fresh.runs[0].output_dir / "eval_modes.json").read_text() == (first.output_dir / "eval_modes.json").read_text()
     assert "60.00 (n=1)" in summarize(fresh, kept) and len(list((kept / "runs").rglob("metrics.json"))) == 1

@@ -25,7 +25,7 @@ from adamix_ds.training.checkpoint import (
     trainable_shapes,
 )
 from adamix_ds.training.data import ResumableSampler, evaluate_splits, train_loader
-from adamix_ds.training.ds_config import build_ds_config, check_cuda_arch_list, read_ds_config, zero_stage
+from adamix_ds.training.ds_config import build_ds_config, check_cuda_arch_list, read_ds_config, scale_group_learning_rates, zero_stage
 from adamix_ds.training.optimizer import DeepSpeedOptimizerAccess
 from adamix_ds.training.runtime import (
     DistEnv,
@@ -72,6 +72,7 @@ __all__ = [
     "resolve_model_path",
     "save_checkpoint",
     "save_model",
+    "scale_group_learning_rates",
     "setup_logging",
     "step_seed",
     "trainable_shapes",

@@ -139,6 +139,13 @@ class AdaMixArguments:
     consistency_weight: float | None = field(
         default=None, metadata={"help": "Weight of the two-pass consistency loss (default 1 for adamix; 0 otherwise)."}
     )
+    expert_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning-rate multiplier of the routed experts (projections with more than one expert): each is routed in "
+            "about 1/num_experts of the passes, so it takes fewer steps than a single adapter. 1 is the paper."
+        },
+    )
     eval_mode: Literal["merged", "random", "fixed", "ensemble"] = field(
         default="merged", metadata={"help": "Routing at evaluation: merged (averaged experts, the paper), random, fixed or ensemble."}
     )
@@ -374,6 +381,13 @@ def validate(run: RunArguments) -> None:
             raise ValueError(
                 f"metric_for_best_model={training.metric_for_best_model!r} is not a {spec.name} metric: allowed {', '.join(spec.metric_names)}"
             )
+    if not run.adamix.expert_lr_scale > 0:
+        raise ValueError(f"expert_lr_scale={run.adamix.expert_lr_scale} is invalid: allowed a positive number")
+    if run.adamix.expert_lr_scale != 1 and (run.adamix.method != "adamix" or run.adamix.num_experts == 1):
+        raise ValueError(
+            f"expert_lr_scale={run.adamix.expert_lr_scale} needs routed experts: --method {run.adamix.method} with "
+            f"num_experts={run.adamix.num_experts} has none; allowed 1, or use --method adamix with num_experts > 1"
+        )
     if run.adamix.random_draws < 1:
         raise ValueError(f"random_draws={run.adamix.random_draws} is invalid: allowed an integer >= 1")
     if run.adamix.eval_modes is not None:

@@ -13,7 +13,7 @@ nor a flag a file value.
 | train_batch_size                            | micro batch x accumulation x number of ranks     |
 | gradient_clipping                           | --max_grad_norm                                  |
 | optimizer.params.lr / betas / eps / weight_decay | --learning_rate, --adam_beta1/2, --adam_epsilon, --weight_decay |
-| scheduler.params.warmup_max_lr / warmup_min_lr | --learning_rate / 0                          |
+| scheduler.params.warmup_max_lr / warmup_min_lr | --learning_rate (per group: x --expert_lr_scale for the routed experts) / 0 |
 | scheduler.params.warmup_num_steps / total_num_steps | --warmup_ratio or --warmup_steps / --max_steps or epochs |
 | bf16.enabled, fp16.enabled                  | --bf16, --fp16                                   |
 | tensorboard.output_path / job_name          | output_dir/runs / the run's name                 |
@@ -154,6 +154,19 @@ def build_ds_config(path: str | Path, args: TrainingArguments, world_size: int, 
             f'{path}: {unfilled[0]}="auto" has no flag to fill it (the keys the flags fill are listed in adamix_ds/training/ds_config.py)'
         )
     _validate_with_deepspeed(path, config)
+    return config
+
+
+def scale_group_learning_rates(config: dict[str, Any], param_groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """``config`` with the schedule's peak learning rate per optimizer group: its value times each group's
+    ``lr_scale`` (``adamix_ds.optim.adamw_param_groups``), as the list DeepSpeed's ``WarmupDecayLR`` takes.
+    Unchanged when every scale is 1."""
+    scales = [group["lr_scale"] for group in param_groups]
+    if all(scale == 1 for scale in scales):
+        return config
+    config = copy.deepcopy(config)
+    params = config["scheduler"]["params"]
+    params["warmup_max_lr"] = [params["warmup_max_lr"] * scale for scale in scales]
     return config
 
 
