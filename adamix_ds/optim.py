@@ -1,19 +1,29 @@
-"""Reference optimizer semantics for stacked experts.
+"""Optimizer semantics for stacked experts: what an optimizer step does to an expert no pass routed to.
 
-In the reference code every expert is its own parameter: an expert that no pass routed to gets no
-gradient, so AdamW neither moves it (momentum) nor decays it, and its moments stay as they were.
-Stacked experts receive exact-zero gradients instead, which AdamW would still act on. ``ExpertStepGuard``
-restores the unrouted slices (weights and every per-element optimizer state) around each optimizer
-step, so the step acts only on the experts that were used since the previous step.
+In the reference code every expert is its own parameter, and what the step does to an unused one depends
+on how its gradient was cleared (``UNROUTED_EXPERTS``):
 
-One difference remains by construction: the optimizer's step counter (bias correction) is per tensor,
-so an expert that sat out some steps is bias-corrected with the tensor's count, not its own.
+* ``zero_grad``: the paper's runs (transformers 4.4's ``Trainer`` on PyTorch 1.x, whose ``zero_grad()``
+  zeroes gradients instead of dropping them) give every expert that was routed once a zero gradient at
+  every later step, so AdamW keeps moving it along its momentum, decays its second moment and its weights.
+  Stacked experts get exactly that from a plain optimizer step: their unrouted slices' gradients are zero.
+  Before an expert's first routing the reference skipped it (gradient ``None``) where the stacked step
+  decays its weights (its Adam update is exactly zero: zero moments), a few steps at the start of a run.
+* ``untouched``: with gradients set to ``None`` (PyTorch 2's ``zero_grad()``), AdamW neither moves nor
+  decays an unused expert, and its moments stay as they were. ``ExpertStepGuard`` gives stacked experts
+  this: it restores the unrouted slices (weights and every per-element optimizer state) around each step.
+  One difference remains by construction: the optimizer's step counter (bias correction) is per tensor,
+  so an expert that sat out some steps is bias-corrected with the tensor's count, not its own.
+
+With ``untouched`` each expert moves only in the steps that route it, and its second moment averages its
+gradients over those steps only; with ``zero_grad`` the second moment averages over every step, zeros
+included, so the same gradients move an expert further (about 1/sqrt(routed share of the steps) as far).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -22,6 +32,9 @@ from adamix_ds.model import adamix_layers
 from adamix_ds.routing import Projection
 
 T = TypeVar("T")
+
+UnroutedExperts = Literal["untouched", "zero_grad"]
+UNROUTED_EXPERTS: tuple[UnroutedExperts, ...] = ("untouched", "zero_grad")
 
 
 class OptimizerAccess(Protocol):
@@ -64,18 +77,26 @@ class TorchOptimizerAccess:
 
 
 class ExpertStepGuard:
-    """Runs optimizer steps that leave experts unrouted since the previous step untouched.
+    """Runs optimizer steps with the chosen semantics for experts unrouted since the previous step.
 
     Call ``guard.step(optimizer.step)`` (or ``guard.step(engine.step)`` at a gradient-accumulation
-    boundary) instead of the bare step. Routing is identical on every rank, so every rank restores the
-    same slices.
+    boundary) instead of the bare step. With ``unrouted="untouched"`` the step leaves those experts as they
+    were; with ``"zero_grad"`` it acts on their zero gradients like on any other (the module docstring says
+    which reference run each matches). Routing is identical on every rank, so every rank restores the same
+    slices.
     """
 
-    def __init__(self, model: nn.Module, access: OptimizerAccess) -> None:
+    def __init__(self, model: nn.Module, access: OptimizerAccess, unrouted: UnroutedExperts = "untouched") -> None:
+        if unrouted not in UNROUTED_EXPERTS:
+            raise ValueError(f"unrouted={unrouted!r} is invalid: allowed {', '.join(UNROUTED_EXPERTS)}")
         self.model = model
         self.access = access
+        self.unrouted = unrouted
 
     def _unrouted(self) -> list[tuple[nn.Parameter, list[int]]]:
+        """The expert slices to restore around the step: none unless unrouted experts stay untouched."""
+        if self.unrouted == "zero_grad":
+            return []
         result = []
         for _, layer in adamix_layers(self.model):
             for projection in Projection:
@@ -85,7 +106,7 @@ class ExpertStepGuard:
         return result
 
     def step(self, step_fn: Callable[[], T]) -> T:
-        """Run ``step_fn`` (the optimizer step) and undo its effect on unrouted expert slices."""
+        """Run ``step_fn`` (the optimizer step); with ``untouched``, undo its effect on unrouted expert slices."""
         saved: list[tuple[nn.Parameter, list[int], torch.Tensor, dict[str, torch.Tensor | None]]] = []
         for param, unused in self._unrouted():
             states = {key: self.access.get_state(param, key) for key in self.access.state_keys(param)}

@@ -149,12 +149,12 @@ def main(argv: list[str] | None = None) -> None:
             check_resumable(checkpoint, state, layout, trainable_shapes(model), args.elastic_resume)
 
     # -- DeepSpeed: the engine owns the optimizer and schedule of the config; the guard gives experts that
-    # no pass routed to since the last step the reference code's semantics (neither moved nor decayed).
+    # no pass routed to since the last step the reference code's semantics (--unrouted_experts).
     init_distributed(env)
     param_groups = adamw_param_groups(model, args.weight_decay, run.adamix.expert_lr_scale)
     ds_config = scale_group_learning_rates(ds_config, param_groups)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
-    guard = ExpertStepGuard(engine.module, DeepSpeedOptimizerAccess(engine))
+    guard = ExpertStepGuard(engine.module, DeepSpeedOptimizerAccess(engine), run.adamix.unrouted_experts)
     preemption = PreemptionSignal(engine.device)  # Slurm's SIGUSR1 before the time limit (launchers/slurm/)
     elastic = None
     if checkpoint is not None:

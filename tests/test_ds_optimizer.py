@@ -1,9 +1,11 @@
 """Expert optimizer semantics inside DeepSpeed, on two real ranks, against a per-parameter AdamW reference.
 
-In the reference every expert is its own parameter and an expert no pass routed to has ``grad=None``:
-AdamW neither moves nor decays it and its moments stay. The DeepSpeed engine trains stacked experts under
-ZeRO 0/1/2/3 (flat partitions split across the ranks), fused or CPU-offloaded Adam, fp32 or bf16, with
-``ExpertStepGuard`` + ``DeepSpeedOptimizerAccess``. Step 1 routes every expert, step 2 leaves some out.
+In the reference every expert is its own parameter. With ``unrouted="untouched"`` an expert no pass routed to
+has ``grad=None``: AdamW neither moves nor decays it and its moments stay. With ``"zero_grad"`` (the paper's
+runs: PyTorch 1.x's ``zero_grad()`` left zero gradients) it has a zero gradient, which AdamW acts on. The
+DeepSpeed engine trains stacked experts under ZeRO 0/1/2/3 (flat partitions split across the ranks), fused or
+CPU-offloaded Adam, fp32 or bf16, with ``ExpertStepGuard`` + ``DeepSpeedOptimizerAccess``. Step 1 routes every
+expert, step 2 leaves some out.
 
 This file is also the rank worker: ``torchrun --nproc_per_node 2 tests/test_ds_optimizer.py OUT.json``.
 """
@@ -18,17 +20,19 @@ from pathlib import Path
 
 import pytest
 
-# (name, ZeRO stage, precision, offload): fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16).
+# (name, ZeRO stage, precision, offload, unrouted experts): fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16).
 CASES = [
-    ("zero0", 0, "fp32", False),
-    ("zero1", 1, "fp32", False),
-    ("zero2", 2, "fp32", False),
-    ("zero3", 3, "fp32", False),
-    ("zero2_offload", 2, "fp32", True),
-    ("zero3_offload", 3, "fp32", True),
-    ("zero0_bf16", 0, "bf16", False),
-    ("zero2_bf16", 2, "bf16", False),
-    ("zero3_bf16", 3, "bf16", False),
+    ("zero0", 0, "fp32", False, "untouched"),
+    ("zero1", 1, "fp32", False, "untouched"),
+    ("zero2", 2, "fp32", False, "untouched"),
+    ("zero3", 3, "fp32", False, "untouched"),
+    ("zero2_offload", 2, "fp32", True, "untouched"),
+    ("zero3_offload", 3, "fp32", True, "untouched"),
+    ("zero0_bf16", 0, "bf16", False, "untouched"),
+    ("zero2_bf16", 2, "bf16", False, "untouched"),
+    ("zero3_bf16", 3, "bf16", False, "untouched"),
+    ("zero2_zero_grad", 2, "fp32", False, "zero_grad"),
+    ("zero3_offload_zero_grad", 3, "fp32", True, "zero_grad"),
 ]
 NUM_EXPERTS, ACCUMULATION, PASSES, MICRO_BATCH, WORLD = 3, 2, 2, 2, 2
 LR, WEIGHT_DECAY, CLIP = 1e-2, 0.1, 1.0
@@ -59,16 +63,19 @@ def report(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
-def test_unrouted_experts_are_neither_moved_nor_decayed(report, case):
+@pytest.mark.parametrize(("case", "unrouted"), [(c[0], c[4]) for c in CASES])
+def test_unrouted_experts_follow_the_chosen_semantics(report, case, unrouted):
     result = report[case]
-    assert result["unrouted_unchanged"], "an unrouted expert's weights or moments changed (master or module copy)"
+    if unrouted == "untouched":
+        assert result["unrouted_unchanged"], "an unrouted expert's weights or moments changed (master or module copy)"
+    else:
+        assert result["unrouted_moved"], "with zero_grad an unrouted expert that has momentum must move"
     assert result["routed_moved"], "a routed expert did not move"
     assert result["module_matches_master"], "the module's weights differ from the optimizer's master weights"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [name for name, _, precision, _ in CASES if precision == "fp32"])
+@pytest.mark.parametrize("case", [c[0] for c in CASES if c[2] == "fp32"])
 def test_one_step_matches_per_parameter_adamw(report, case):
     result = report[case]
     for step in ("step1", "step2"):
@@ -124,15 +131,16 @@ def _rank_batch(step: int, micro: int, rank: int):
 
 
 class _Reference:
-    """Per-parameter AdamW: every expert its own parameter; grad None for experts not routed in the step."""
+    """Per-parameter AdamW: every expert its own parameter; for experts not routed in the step, grad None
+    (``untouched``) or a zero gradient (``zero_grad``: every expert was routed in step 1)."""
 
-    def __init__(self, model, chosen) -> None:
+    def __init__(self, model, chosen, unrouted: str) -> None:
         import torch
 
         from adamix_ds.model import adamix_layers
         from adamix_ds.routing import Projection
 
-        self.model, self.chosen = model, chosen
+        self.model, self.chosen, self.unrouted = model, chosen, unrouted
         self.slots = []  # (stacked param, projection key, [expert params])
         decay, no_decay = [], []
         for layer_id, (_, layer) in enumerate(adamix_layers(model)):
@@ -167,10 +175,10 @@ class _Reference:
         for stacked, key, experts in self.slots:
             routed = self.chosen[(step, *key)]
             for j, expert in enumerate(experts):
-                expert.grad = stacked.grad[j].clone() if j in routed else None
+                expert.grad = stacked.grad[j].clone() if j in routed or self.unrouted == "zero_grad" else None
             stacked.grad = None
         params = [p for _, _, experts in self.slots for p in experts] + self.head
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], CLIP)
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], CLIP)  # zeros add nothing to the norm
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -188,7 +196,7 @@ class _Reference:
         raise KeyError(key)
 
 
-def _run_case(stage: int, precision: str, offload: bool, seed: int, chosen) -> dict:
+def _run_case(stage: int, precision: str, offload: bool, unrouted: str, seed: int, chosen) -> dict:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -202,7 +210,7 @@ def _run_case(stage: int, precision: str, offload: bool, seed: int, chosen) -> d
 
     rank = dist.get_rank()
     model = _tiny_model(seed)
-    reference = _Reference(copy.deepcopy(model), chosen)
+    reference = _Reference(copy.deepcopy(model), chosen, unrouted)
     zero = {"stage": stage}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -219,13 +227,13 @@ def _run_case(stage: int, precision: str, offload: bool, seed: int, chosen) -> d
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=adamw_param_groups(model, WEIGHT_DECAY), config=config)
     access = DeepSpeedOptimizerAccess(engine)
-    guard = ExpertStepGuard(engine.module, access)
+    guard = ExpertStepGuard(engine.module, access, unrouted)
     slots = []  # (module param, reference param, layer, projection)
     for layer_id, ((_, layer), (_, ref_layer)) in enumerate(zip(adamix_layers(engine.module), adamix_layers(reference.model), strict=True)):
         for projection in Projection:
             for param, ref_param in zip(layer.projection_parameters(projection), ref_layer.projection_parameters(projection), strict=True):
                 slots.append((param, ref_param, layer_id, projection))
-    result = {"unrouted_unchanged": True, "routed_moved": True, "module_matches_master": True}
+    result = {"unrouted_unchanged": True, "unrouted_moved": True, "routed_moved": True, "module_matches_master": True}
     for step in (0, 1):
         before = [(access.get_param(p), {k: access.get_state(p, k) for k in access.state_keys(p)}) for p, *_ in slots]
         for micro in range(ACCUMULATION):
@@ -247,9 +255,9 @@ def _run_case(stage: int, precision: str, offload: bool, seed: int, chosen) -> d
                 if j in routed:
                     result["routed_moved"] &= not torch.equal(master[j], old[j])
                 elif step == 1:
-                    result["unrouted_unchanged"] &= bool(torch.equal(master[j], old[j])) and bool(
-                        torch.equal(module[j], old[j].to(param.dtype).float())
-                    )
+                    unchanged = bool(torch.equal(master[j], old[j])) and bool(torch.equal(module[j], old[j].to(param.dtype).float()))
+                    result["unrouted_unchanged"] &= unchanged
+                    result["unrouted_moved"] &= not unchanged
                     for key, value in old_states.items():
                         result["unrouted_unchanged"] &= bool(torch.equal(access.get_state(param, key)[j], value[j]))
             if precision == "fp32":
@@ -268,7 +276,7 @@ def _worker(output: str) -> None:
 
     deepspeed.init_distributed()
     seed, chosen = _seed_with_coverage()
-    report = {name: _run_case(stage, precision, offload, seed, chosen) for name, stage, precision, offload in CASES}
+    report = {name: _run_case(*case, seed, chosen) for name, *case in CASES}
     if dist.get_rank() == 0:
         Path(output).write_text(json.dumps(report, indent=2))
     dist.barrier()

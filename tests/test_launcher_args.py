@@ -251,6 +251,11 @@ BAD_INPUTS = {
         lambda tmp: ["--method", "adapter", "--expert_lr_scale", "2"],
         "expert_lr_scale=2.0 needs routed experts: --method adapter with num_experts=1 has none",
     ),
+    "unrouted experts semantics without routed experts": (
+        lambda tmp: ["--method", "lora", "--unrouted_experts", "zero_grad"],
+        "unrouted_experts='zero_grad' needs routed experts: --method lora with num_experts=1 has none",
+    ),
+    "unknown unrouted experts semantics": (lambda tmp: ["--unrouted_experts", "frozen"], "'frozen'"),
     "bottleneck larger than hidden": (lambda tmp: ["--bottleneck_dim", "1000"], "bottleneck_dim=1000"),
     "adapter from another architecture": (lambda tmp: ["--adapter_name_or_path", str(_foreign_adapter(tmp))], "foreign_adapter"),
     "non-positive batch size": (lambda tmp: ["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0"),

@@ -1,5 +1,6 @@
-"""Reference optimizer semantics: an expert not routed to is neither moved nor decayed by a step; the optimizer's
-parameter groups (weight decay, and a learning-rate scale for the routed experts)."""
+"""Reference optimizer semantics: an expert not routed to is neither moved nor decayed by a step (``untouched``),
+or stepped on its zero gradient as in the paper's runs (``zero_grad``); the optimizer's parameter groups (weight
+decay, and a learning-rate scale for the routed experts)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,42 @@ def test_plain_adamw_without_the_guard_moves_unrouted_experts():
     (down,) = layer.routed[Projection.DOWN]
     unrouted = [k for k in range(EXPERTS) if k != down]
     assert not torch.equal(layer.down_weight[unrouted], before[unrouted])
+
+
+def test_zero_grad_matches_per_parameter_adamw_whose_unrouted_experts_have_zero_gradients():
+    """The paper's runs: once routed, an expert's gradient is zeroed, not dropped, so every later step moves it
+    along its momentum and decays it. The first step routes every expert, as the reference needs a gradient."""
+    layer = routed_layer()
+    names = ["down_weight", "down_bias", "up_weight", "up_bias"]
+    reference = {name: [nn.Parameter(getattr(layer, name)[k].detach().clone()) for k in range(EXPERTS)] for name in names}
+    optimizer = torch.optim.AdamW(layer.expert_parameters(), lr=0.05, weight_decay=0.1)
+    reference_optimizer = torch.optim.AdamW([p for ps in reference.values() for p in ps], lr=0.05, weight_decay=0.1)
+    guard = ExpertStepGuard(layer, TorchOptimizerAccess(optimizer), unrouted="zero_grad")
+    unrouted_moved = False
+    for step in range(6):
+        before = layer.down_weight.detach().clone()
+        layer(torch.randn(8, HIDDEN)).pow(2).sum().backward()
+        while step == 0 and any(len(used) < EXPERTS for used in layer.routed.values()):
+            layer(torch.randn(8, HIDDEN)).pow(2).sum().backward()
+        used = set(layer.routed[Projection.DOWN])
+        for name in names:
+            for k, param in enumerate(reference[name]):
+                param.grad = getattr(layer, name).grad[k].clone()  # zero for an expert no pass routed to
+        guard.step(optimizer.step)
+        reference_optimizer.step()
+        optimizer.zero_grad()
+        unrouted_moved |= any(not torch.equal(layer.down_weight[k], before[k]) for k in range(EXPERTS) if k not in used)
+        for name in names:
+            for k in range(EXPERTS):
+                torch.testing.assert_close(getattr(layer, name)[k], reference[name][k].detach(), rtol=0, atol=1e-6)
+        assert layer.routed[Projection.DOWN] == set()
+    assert unrouted_moved
+
+
+def test_the_guard_refuses_an_unknown_semantics():
+    layer = routed_layer()
+    with pytest.raises(ValueError, match="unrouted='frozen' is invalid: allowed untouched, zero_grad"):
+        ExpertStepGuard(layer, TorchOptimizerAccess(torch.optim.AdamW(layer.expert_parameters())), unrouted="frozen")
 
 
 def test_over_many_steps_each_step_touches_only_its_routed_experts():

@@ -20,6 +20,7 @@ from adamix_ds.config import AdaMixConfig
 from adamix_ds.data import GenerationTaskSpec, get_task_spec
 from adamix_ds.families import Decoding
 from adamix_ds.gguf import gguf_model_folder, is_gguf
+from adamix_ds.optim import UnroutedExperts
 from adamix_ds.prompts import parse_label_words, prompt_setup
 from adamix_ds.training.eval_modes import parse_eval_modes
 
@@ -144,6 +145,14 @@ class AdaMixArguments:
         metadata={
             "help": "Learning-rate multiplier of the routed experts (projections with more than one expert): each is routed in "
             "about 1/num_experts of the passes, so it takes fewer steps than a single adapter. 1 is the paper."
+        },
+    )
+    unrouted_experts: UnroutedExperts = field(
+        default="untouched",
+        metadata={
+            "help": "What an optimizer step does to an expert no pass routed to since the previous step. untouched: nothing "
+            "(each expert its own parameter with no gradient); zero_grad: AdamW acts on its zero gradient (momentum, "
+            "decay), as in the paper's runs, whose PyTorch 1.x zero_grad() left zero gradients."
         },
     )
     eval_mode: Literal["merged", "random", "fixed", "ensemble"] = field(
@@ -387,6 +396,11 @@ def validate(run: RunArguments) -> None:
         raise ValueError(
             f"expert_lr_scale={run.adamix.expert_lr_scale} needs routed experts: --method {run.adamix.method} with "
             f"num_experts={run.adamix.num_experts} has none; allowed 1, or use --method adamix with num_experts > 1"
+        )
+    if run.adamix.unrouted_experts != "untouched" and (run.adamix.method != "adamix" or run.adamix.num_experts == 1):
+        raise ValueError(
+            f"unrouted_experts={run.adamix.unrouted_experts!r} needs routed experts: --method {run.adamix.method} with "
+            f"num_experts={run.adamix.num_experts} has none; allowed untouched, or use --method adamix with num_experts > 1"
         )
     if run.adamix.random_draws < 1:
         raise ValueError(f"random_draws={run.adamix.random_draws} is invalid: allowed an integer >= 1")

@@ -1,7 +1,8 @@
 """Expert optimizer semantics inside DeepSpeed: ``OptimizerAccess`` for an engine's optimizer.
 
-``ExpertStepGuard`` (``adamix_ds.optim``) restores the experts no pass routed to since the previous
-step, so AdamW neither moves nor decays them. Under DeepSpeed a parameter lives in up to two places:
+``ExpertStepGuard`` (``adamix_ds.optim``) with ``unrouted="untouched"`` restores the experts no pass routed
+to since the previous step, so AdamW neither moves nor decays them. Under DeepSpeed a parameter lives in up
+to two places:
 
 * the fp32 master copy the optimizer updates, with its per-element state (``exp_avg``, ``exp_avg_sq``):
   a slice of a flat partition under ZeRO 1/2/3 (possibly offloaded to CPU for DeepSpeedCPUAdam), a
