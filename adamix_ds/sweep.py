@@ -26,6 +26,7 @@ sweep command runs in, locally and under Slurm alike.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -239,6 +240,29 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
             seen[run.name] = where
             sweep.runs.append(run)
     return sweep
+
+
+def select_runs(sweep: Sweep, only: Sequence[str]) -> Sweep:
+    """``sweep`` with the runs that match every ``KEY=VALUE`` of ``only`` (all of them when it is empty).
+
+    A key is a cell key (``task``, ``group``, any other grid axis) or ``seed``; ``KEY=A,B`` (or the key given
+    twice) matches either value, written as in the run's folder name (``task=rte``, ``seed=2``). The runs keep
+    their index, so a selection submitted to Slurm keeps its array task ids. ``ValueError`` names a malformed
+    filter, an unknown key, or filters that match no run.
+    """
+    keys = ["seed", *sweep.runs[0].cell]
+    wanted: dict[str, set[str]] = {}
+    for item in only:
+        key, sign, values = item.partition("=")
+        if not sign or not key or not values:
+            raise ValueError(f"--only {item!r} is invalid: allowed KEY=VALUE[,VALUE...]")
+        if key not in keys:
+            raise ValueError(f"--only {item!r}: unknown key {key!r}: allowed {', '.join(keys)}")
+        wanted.setdefault(key, set()).update(values.split(","))
+    runs = [run for run in sweep.runs if all({**run.cell, "seed": str(run.seed)}[key] in values for key, values in wanted.items())]
+    if not runs:
+        raise ValueError(f"--only {' '.join(only)} matches no run of {sweep.path}")
+    return dataclasses.replace(sweep, runs=runs)
 
 
 def _make_run(

@@ -7,6 +7,7 @@
     python launchers/sweep.py summarize SWEEP.yaml                                     # summary.{md,csv,json} + plots
     python launchers/sweep.py summarize SWEEP.yaml --output benchmarks/quality/core     # ... + the runs' records there
     python launchers/sweep.py run SWEEP.yaml --records benchmarks/quality/core          # those records count as done
+    python launchers/sweep.py run SWEEP.yaml --only group=adamix --only seed=2,3         # some runs of the sweep
 
 The sweep file format is documented in adamix_ds/sweep.py. Complete runs are skipped and interrupted ones
 resume, so every command can be repeated. A study that spans machines keeps the records of its finished runs
@@ -26,10 +27,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from adamix_ds.summary import summarize
-from adamix_ds.sweep import LAUNCHERS, load_sweep, restore_records, run_sweep, submit_sweep, task_args
+from adamix_ds.sweep import LAUNCHERS, load_sweep, restore_records, run_sweep, select_runs, submit_sweep, task_args
 from adamix_ds.training import dist_env, usage_errors
 
 RECORDS_HELP = "a folder of runs' records (summarize --output), repeatable: those runs count as complete"
+ONLY_HELP = "only the runs whose task, group, other grid axis or seed is VALUE (KEY=VALUE[,VALUE...]), repeatable: all must match"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed", help="how each run is started")
     run.add_argument("--ranks", type=int, default=1, help="processes per run (deepspeed --num_gpus / torchrun --nproc_per_node)")
     run.add_argument("--records", action="append", default=[], help=RECORDS_HELP)
+    run.add_argument("--only", action="append", default=[], metavar="KEY=VALUE", help=ONLY_HELP)
     submit = commands.add_parser("submit", help="submit the incomplete runs as one Slurm array job")
     submit.add_argument("sweep", help="the sweep file (YAML)")
     submit.add_argument("--max_parallel", type=int, default=None, help="at most K array tasks at once (--array=...%%K)")
     submit.add_argument("--ranks_per_node", type=int, default=None, help="ranks per run (default: the node's GPUs, or 1)")
     submit.add_argument("--wait", action="store_true", help="return when every task has ended (sbatch --wait)")
     submit.add_argument("--records", action="append", default=[], help=RECORDS_HELP)
+    submit.add_argument("--only", action="append", default=[], metavar="KEY=VALUE", help=ONLY_HELP)
     submit.add_argument("sbatch_options", nargs="*", help="extra sbatch options, after --")
     summary = commands.add_parser("summarize", help="write summary.md/.csv/.json and plots (under output_root, or --output)")
     summary.add_argument("sweep", help="the sweep file (YAML)")
@@ -71,14 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         if options.command == "summarize":
             print(summarize(sweep, options.output), end="")
             return 0
-        for records in getattr(options, "records", []):
+        selected = select_runs(sweep, options.only)
+        for records in options.records:
             print(f"{restore_records(sweep, records)} run(s) complete from the records in {records}")
         if options.command == "submit":
-            job = submit_sweep(sweep, options.max_parallel, options.ranks_per_node, options.sbatch_options, options.wait)
-            print(f"submitted array job {job}: {len(sweep.runs)} runs; logs in {sweep.log_dir}")
+            job = submit_sweep(selected, options.max_parallel, options.ranks_per_node, options.sbatch_options, options.wait)
+            print(f"submitted array job {job}: {len(selected.runs)} runs; logs in {sweep.log_dir}")
             return 0
-        failed = run_sweep(sweep, options.launcher, options.ranks)
-    print(summarize(sweep), end="")
+        failed = run_sweep(selected, options.launcher, options.ranks)
+    print(summarize(sweep), end="")  # the whole sweep: a selection's summary would list the rest as missing
     return 1 if failed else 0
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from adamix_ds.summary import Stat, collect, summarize
-from adamix_ds.sweep import load_sweep, task_args
+from adamix_ds.sweep import load_sweep, select_runs, task_args
 
 from conftest import REPO_ROOT, subprocess_env, tiny_rte_sweep_args
 
@@ -114,6 +114,45 @@ def test_launch_args_resume_a_checkpointed_run_and_restart_one_without_checkpoin
     assert complete.is_complete() and task_args(sweep, 3) == []
     with pytest.raises(ValueError, match="index=8 is out of range"):
         task_args(sweep, 8)
+
+
+def test_only_selects_runs_by_cell_and_seed_and_keeps_their_index(tmp_path):
+    sweep = load_sweep(_write(tmp_path, _spec()))
+    chosen = select_runs(sweep, ["group=adamix", "seed=2", "learning_rate=0.001,0.003"])
+    assert [r.name for r in chosen.runs] == ["rte/adamix/learning_rate-0.001/seed-2", "rte/adamix/learning_rate-0.003/seed-2"]
+    assert [r.index for r in chosen.runs] == [3, 7] and chosen.output_root == sweep.output_root
+    assert select_runs(sweep, ["seed=1", "seed=2", "task=rte"]).runs == select_runs(sweep, []).runs == sweep.runs
+
+
+def test_run_only_launches_the_selection_and_summarises_the_whole_sweep(tmp_path):
+    sweep = load_sweep(_write(tmp_path, _spec()))
+    for run in sweep.runs:
+        if run.cell["group"] == "adapter":
+            _fake_run(run, 0.6, 0.6, 1.0)
+    command = [sys.executable, SWEEP, "run", str(sweep.path), "--only", "group=adapter", "--launcher", "python"]
+    completed = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "4 runs, 4 complete, 0 to run" in completed.stdout  # the adamix runs, not selected, did not start
+    assert not any(run.output_dir.exists() for run in sweep.runs if run.cell["group"] == "adamix")
+    assert "rte/adamix/learning_rate-0.003/seed-2" in completed.stdout.split("Missing or failed runs")[1]
+
+
+@pytest.mark.parametrize(
+    ("only", "message"),
+    [
+        ("group", "--only 'group' is invalid: allowed KEY=VALUE[,VALUE...]"),
+        ("colour=red", "--only 'colour=red': unknown key 'colour': allowed seed, task, group, learning_rate"),
+        ("seed=9", "--only seed=9 matches no run of"),
+    ],
+)
+def test_bad_only_filters_exit_2_with_one_line_before_anything_runs(tmp_path, only, message):
+    path = _write(tmp_path, _spec())
+    completed = subprocess.run(
+        [sys.executable, SWEEP, "run", str(path), "--only", only], capture_output=True, text=True, env=subprocess_env()
+    )
+    lines = completed.stderr.strip().splitlines()
+    assert completed.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"sweep.py: error: {message}"), completed.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def _fake_run(run, accuracy: float, best: float, runtime: float, modes: dict | None = None) -> None:
