@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             check_resumable(checkpoint, state, layout, trainable_shapes(model), args.elastic_resume)
 
     # -- DeepSpeed: the engine owns the optimizer and schedule of the config; the guard gives experts that
-    # no pass routed to since the last step the reference code's semantics (--unrouted_experts).
+    # no pass routed to since the last step the semantics --unrouted_experts names (the paper's runs' by default).
     init_distributed(env)
     param_groups = adamw_param_groups(model, args.weight_decay, run.adamix.expert_lr_scale)
     ds_config = scale_group_learning_rates(ds_config, param_groups)

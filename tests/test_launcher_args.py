@@ -95,7 +95,7 @@ def test_default_run_is_the_minilm_sst2_demo():
 
 def test_methods_set_their_defaults_and_refuse_contradictions():
     adamix = parse_args(["--task_name", "rte"]).adamix
-    assert (adamix.num_experts, adamix.consistency_weight) == (4, 1.0)
+    assert (adamix.num_experts, adamix.consistency_weight, adamix.unrouted_experts) == (4, 1.0, "zero_grad")
     for method in ("adapter", "lora"):
         single = parse_args(["--task_name", "rte", "--method", method]).adamix
         assert (single.num_experts, single.consistency_weight) == (1, 0.0)
@@ -250,10 +250,6 @@ BAD_INPUTS = {
     "expert lr scale without routed experts": (
         lambda tmp: ["--method", "adapter", "--expert_lr_scale", "2"],
         "expert_lr_scale=2.0 needs routed experts: --method adapter with num_experts=1 has none",
-    ),
-    "unrouted experts semantics without routed experts": (
-        lambda tmp: ["--method", "lora", "--unrouted_experts", "zero_grad"],
-        "unrouted_experts='zero_grad' needs routed experts: --method lora with num_experts=1 has none",
     ),
     "unknown unrouted experts semantics": (lambda tmp: ["--unrouted_experts", "frozen"], "'frozen'"),
     "bottleneck larger than hidden": (lambda tmp: ["--bottleneck_dim", "1000"], "bottleneck_dim=1000"),

@@ -148,11 +148,11 @@ class AdaMixArguments:
         },
     )
     unrouted_experts: UnroutedExperts = field(
-        default="untouched",
+        default="zero_grad",
         metadata={
-            "help": "What an optimizer step does to an expert no pass routed to since the previous step. untouched: nothing "
-            "(each expert its own parameter with no gradient); zero_grad: AdamW acts on its zero gradient (momentum, "
-            "decay), as in the paper's runs, whose PyTorch 1.x zero_grad() left zero gradients."
+            "help": "What an optimizer step does to an expert no pass routed to since the previous step. zero_grad: AdamW acts on "
+            "its zero gradient (momentum, decay), as in the paper's runs, whose PyTorch 1.x zero_grad() left zero gradients; "
+            "untouched: nothing (each expert its own parameter with no gradient). No effect without routed experts."
         },
     )
     eval_mode: Literal["merged", "random", "fixed", "ensemble"] = field(
@@ -396,11 +396,6 @@ def validate(run: RunArguments) -> None:
         raise ValueError(
             f"expert_lr_scale={run.adamix.expert_lr_scale} needs routed experts: --method {run.adamix.method} with "
             f"num_experts={run.adamix.num_experts} has none; allowed 1, or use --method adamix with num_experts > 1"
-        )
-    if run.adamix.unrouted_experts != "untouched" and (run.adamix.method != "adamix" or run.adamix.num_experts == 1):
-        raise ValueError(
-            f"unrouted_experts={run.adamix.unrouted_experts!r} needs routed experts: --method {run.adamix.method} with "
-            f"num_experts={run.adamix.num_experts} has none; allowed untouched, or use --method adamix with num_experts > 1"
         )
     if run.adamix.random_draws < 1:
         raise ValueError(f"random_draws={run.adamix.random_draws} is invalid: allowed an integer >= 1")
