@@ -23,7 +23,7 @@ included, so the same gradients move an expert further (about 1/sqrt(routed shar
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from adamix_ds.routing import Projection
 T = TypeVar("T")
 
 UnroutedExperts = Literal["untouched", "zero_grad"]
-UNROUTED_EXPERTS: tuple[UnroutedExperts, ...] = ("untouched", "zero_grad")
+UNROUTED_EXPERTS: tuple[UnroutedExperts, ...] = get_args(UnroutedExperts)
 
 
 class OptimizerAccess(Protocol):
