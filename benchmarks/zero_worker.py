@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from adamix_ds import AdaMixConfig, add_adamix, build_adamw
+from adamix_ds.training import dist_env, shutdown_distributed
 
 GRADIENT_BUFFERS = ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer", "fp32_groups_gradients_flat")
 MASTER_WEIGHTS = (
@@ -127,6 +128,7 @@ def main() -> None:
     results = [measure_stage(stage, args.rank, args.experts) for stage in args.stages]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(results, indent=2) + "\n")
+    shutdown_distributed(dist_env())
 
 
 if __name__ == "__main__":

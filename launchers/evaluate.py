@@ -34,6 +34,7 @@ from adamix_ds.training import (
     resolve_data_dir,
     resolve_model_path,
     setup_logging,
+    shutdown_distributed,
     usage_errors,
 )
 from adamix_ds.training.arguments import family_options, parse_eval_args
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             with open(run.evaluation.output_file, "w") as handle:
                 handle.write(text)
             logger.info("wrote %s", run.evaluation.output_file)
+    shutdown_distributed(env)
 
 
 if __name__ == "__main__":

@@ -59,13 +59,13 @@ from adamix_ds.training import (
     find_checkpoint,
     init_distributed,
     parse_args,
-    release_shared_memory,
     resolve_data_dir,
     resolve_model_path,
     save_checkpoint,
     save_model,
     scale_group_learning_rates,
     setup_logging,
+    shutdown_distributed,
     step_seed,
     train_loader,
     trainable_shapes,
@@ -264,8 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         if env.is_main:
             request_requeue()
         logger.info("stopped at step %d on the preemption signal; the next start resumes from %s", step, output_dir / CHECKPOINTS)
-        dist.barrier()
-        release_shared_memory(env)
+        shutdown_distributed(env)
         return
 
     # -- The end: evaluate the merged model, keep a resumable checkpoint, save merged adapter and experts.
@@ -315,8 +314,7 @@ def main(argv: list[str] | None = None) -> None:
             backbone_bytes / 1e6,
             output_dir,
         )
-    dist.barrier()
-    release_shared_memory(env)
+    shutdown_distributed(env)
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ def test_sigkilled_zero2_run_resumes_to_the_same_adapter(tmp_path):
                 break
             time.sleep(0.01)
         process.wait()
-    # Killed ranks cannot unlink their shared-memory allreduce buffers (see release_shared_memory).
+    # Killed ranks cannot unlink their shared-memory allreduce buffers (see shutdown_distributed).
     port = command[command.index("--master_port") + 1]
     for stale in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
         stale.unlink()

@@ -272,18 +272,14 @@ def _worker(output: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from adamix_ds.training import dist_env, release_shared_memory
+    from adamix_ds.training import dist_env, shutdown_distributed
 
     deepspeed.init_distributed()
     seed, chosen = _seed_with_coverage()
     report = {name: _run_case(*case, seed, chosen) for name, *case in CASES}
     if dist.get_rank() == 0:
         Path(output).write_text(json.dumps(report, indent=2))
-    dist.barrier()
-    release_shared_memory(dist_env())
-    # Without it, a gloo thread still running at interpreter exit sometimes aborts the rank ("terminate
-    # called without an active exception") after the report is written.
-    dist.destroy_process_group()
+    shutdown_distributed(dist_env())
 
 
 if __name__ == "__main__":

@@ -288,7 +288,7 @@ def test_automatic_resume_skips_a_damaged_newest_checkpoint_on_two_ranks(referen
 
 
 def _release_stale_shared_memory(command: list[str]) -> None:
-    """Ranks that stopped on an error did not unlink their allreduce buffers (see release_shared_memory)."""
+    """Ranks that stopped on an error did not unlink their allreduce buffers (see shutdown_distributed)."""
     port = command[command.index("--master_port") + 1]
     for stale in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
         stale.unlink()

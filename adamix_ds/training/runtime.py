@@ -83,15 +83,20 @@ def setup_logging(env: DistEnv) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def release_shared_memory(env: DistEnv) -> None:
-    """Unlink this rank's ``/dev/shm`` buffer of DeepSpeed's CPU allreduce, after the last collective.
+def shutdown_distributed(env: DistEnv) -> None:
+    """End this rank's part in torch.distributed after its last collective; every rank calls it.
 
-    DeepSpeed 0.19 creates one (about 70 MB) per CPU rank and run and never removes it, so every run
-    would leave its buffers in memory. Peers that still map it keep their mapping until they exit.
+    Waits for the other ranks, unlinks this rank's ``/dev/shm`` buffer of DeepSpeed's CPU allreduce
+    (DeepSpeed 0.19 creates one, about 70 MB, per CPU rank and run and never removes it; peers that still
+    map it keep their mapping until they exit), and destroys the process group: a gloo worker thread
+    still alive at interpreter exit otherwise sometimes aborts a rank that has finished its work
+    ("terminate called without an active exception", exit code 250 through the launcher).
     """
+    torch.distributed.barrier()
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{env.rank}"
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join("/dev/shm", name))
+    torch.distributed.destroy_process_group()
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
