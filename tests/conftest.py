@@ -49,6 +49,14 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def release_stale_shared_memory(command: list[str]) -> None:
+    """Unlink the DeepSpeed allreduce buffers in ``/dev/shm`` of the run ``command`` launched: ranks that
+    were killed or stopped on an error never reach shutdown_distributed, which unlinks them."""
+    port = command[command.index("--master_port") + 1]
+    for stale in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        stale.unlink()
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def model_type(request) -> str:
     return request.param

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, VENV_BIN, free_port, subprocess_env
+from conftest import REPO_ROOT, VENV_BIN, free_port, release_stale_shared_memory, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -214,10 +214,7 @@ def test_sigkilled_zero2_run_resumes_to_the_same_adapter(tmp_path):
                 break
             time.sleep(0.01)
         process.wait()
-    # Killed ranks cannot unlink their shared-memory allreduce buffers (see shutdown_distributed).
-    port = command[command.index("--master_port") + 1]
-    for stale in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        stale.unlink()
+    release_stale_shared_memory(command)
     assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert not (output_dir / "metrics.json").exists(), "the run finished before it was killed"
 

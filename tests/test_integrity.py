@@ -24,7 +24,7 @@ from adamix_ds.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from adamix_ds.training import build_ds_config, parse_args
 from adamix_ds.training.checkpoint import SCRATCH_GLOB
 
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, release_stale_shared_memory, subprocess_env
 from test_ds_launcher import _command, _run
 from test_launcher_args import _launcher, _run_bad, _schedule
 from tiny_models import tiny_classifier
@@ -287,13 +287,6 @@ def test_automatic_resume_skips_a_damaged_newest_checkpoint_on_two_ranks(referen
     assert (output_dir / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS}"
 
 
-def _release_stale_shared_memory(command: list[str]) -> None:
-    """Ranks that stopped on an error did not unlink their allreduce buffers (see shutdown_distributed)."""
-    port = command[command.index("--master_port") + 1]
-    for stale in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        stale.unlink()
-
-
 @pytest.mark.slow
 def test_a_save_into_a_full_disk_keeps_the_earlier_checkpoints(reference, ds_config, tmp_path):
     """checkpoints/ on a tmpfs with room for one and a half checkpoints: step 1 is saved, step 2 fills the
@@ -313,7 +306,7 @@ def test_a_save_into_a_full_disk_keeps_the_earlier_checkpoints(reference, ds_con
         # --overwrite_output_dir: the mount point makes output_dir non-empty.
         command = _command("deepspeed", [*args, "--overwrite_output_dir"])
         failed = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-        _release_stale_shared_memory(command)
+        release_stale_shared_memory(command)
         output = failed.stdout + failed.stderr
         assert failed.returncode != 0, output[-3000:]
         reports = [line for line in output.splitlines() if "could not save checkpoint" in line]
