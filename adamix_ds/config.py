@@ -14,6 +14,10 @@ ADAPTER_TYPES = ("bottleneck", "lora")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 EVAL_MODES = ("merged", "random", "fixed", "ensemble")
 EXPERT_INITS = ("independent", "shared")
+# The reference code's experts at step 0, per adapter type: its bottleneck experts are deep copies of one module
+# that the model's ``init_weights`` then redraws one by one (independent draws); its AdaMix-LoRA deep-copies one
+# kaiming-uniform A into a ``ParameterList`` that no init touches again (one draw, copied).
+REFERENCE_EXPERT_INIT = {"bottleneck": "independent", "lora": "shared"}
 
 
 @dataclass
@@ -39,8 +43,10 @@ class AdaMixConfig:
         eval_mode: routing at inference: ``"merged"`` (averaged experts), ``"random"``, ``"fixed"``
             (expert ``eval_expert``) or ``"ensemble"`` (mean of the experts' outputs).
         eval_expert: the expert used by ``eval_mode="fixed"``.
-        expert_init: ``"independent"`` draws every expert separately (the reference code);
-            ``"shared"`` starts all experts from one draw.
+        expert_init: ``"independent"`` draws every expert separately; ``"shared"`` starts all experts from one
+            draw. ``None`` (the default) is the reference code's choice for ``adapter_type``
+            (``REFERENCE_EXPERT_INIT``): independent N(0, 0.02) bottleneck experts, one kaiming-uniform LoRA
+            ``A`` copied to every expert (``B`` is zero either way); resolved on construction.
         seed: routing seed; the expert of every (step, layer, projection) is a pure function of it.
     """
 
@@ -57,11 +63,13 @@ class AdaMixConfig:
     consistency_weight: float = 1.0
     eval_mode: str = "merged"
     eval_expert: int = 0
-    expert_init: str = "independent"
+    expert_init: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("adapter_type", self.adapter_type, ADAPTER_TYPES)
+        if self.expert_init is None:
+            self.expert_init = REFERENCE_EXPERT_INIT[self.adapter_type]
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("eval_mode", self.eval_mode, EVAL_MODES)
         _check_choice("expert_init", self.expert_init, EXPERT_INITS)

@@ -139,8 +139,11 @@ def routed_expert_parameters(model: nn.Module) -> set[nn.Parameter]:
     }
 
 
-def adamw_param_groups(model: nn.Module, weight_decay: float, expert_lr_scale: float = 1.0) -> list[dict[str, Any]]:
-    """The trainable parameters in the recipe's groups: weight decay on weights, none on biases.
+def adamw_param_groups(
+    model: nn.Module, weight_decay: float, expert_lr_scale: float = 1.0, decay_biases: bool = False
+) -> list[dict[str, Any]]:
+    """The trainable parameters in the recipe's groups: weight decay on weights, none on biases and other 1-D
+    parameters (``run_glue.py``'s grouping), or on every parameter with ``decay_biases`` (the reference E2E code's).
 
     Every group has an ``lr_scale``, its learning rate's multiple of the run's: ``expert_lr_scale`` for the
     routed experts (``routed_expert_parameters``), which then form groups of their own, 1 for the rest.
@@ -151,7 +154,8 @@ def adamw_param_groups(model: nn.Module, weight_decay: float, expert_lr_scale: f
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}  # (routed expert, undecayed) -> parameters
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault((param in experts, name.endswith("bias") or param.dim() < 2), []).append(param)
+            undecayed = not decay_biases and (name.endswith("bias") or param.dim() < 2)
+            groups.setdefault((param in experts, undecayed), []).append(param)
     return [
         {"params": groups[key], "weight_decay": 0.0 if key[1] else weight_decay, "lr_scale": expert_lr_scale if key[0] else 1.0}
         for key in sorted(groups)  # decayed before undecayed, then the experts' groups: one order on every rank

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         if torch.cuda.is_available():  # where DeepSpeed JIT-builds its fused AdamW
             check_cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
         torch.manual_seed(args.seed)  # the same head and expert initialisation on every rank
-        model = family.load_model(model_path)
+        model = family.load_model(model_path, run.model.backbone_dropout)
         backbone_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         config = adamix_config(run, family.head_modules(model))
         if config is not None:
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- DeepSpeed: the engine owns the optimizer and schedule of the config; the guard gives experts that
     # no pass routed to since the last step the semantics --unrouted_experts names (the paper's runs' by default).
     init_distributed(env)
-    param_groups = adamw_param_groups(model, args.weight_decay, run.adamix.expert_lr_scale)
+    param_groups = adamw_param_groups(model, args.weight_decay, run.adamix.expert_lr_scale, args.decay_biases)
     ds_config = scale_group_learning_rates(ds_config, param_groups)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
     guard = ExpertStepGuard(engine.module, DeepSpeedOptimizerAccess(engine), run.adamix.unrouted_experts)

@@ -102,6 +102,11 @@ def test_methods_set_their_defaults_and_refuse_contradictions():
     with pytest.raises(ValueError, match="num_experts=4 contradicts --method adapter"):
         parse_args(["--task_name", "rte", "--method", "adapter", "--num_experts", "4"])
     assert adamix_config(parse_args(["--task_name", "rte", "--method", "lora"])).adapter_type == "lora"
+    # The experts' init: the reference's for each adapter type unless named.
+    assert adamix_config(parse_args(["--task_name", "rte"])).expert_init == "independent"
+    assert adamix_config(parse_args(["--task_name", "rte", "--adapter_type", "lora"])).expert_init == "shared"
+    named = adamix_config(parse_args(["--task_name", "rte", "--adapter_type", "lora", "--expert_init", "independent"]))
+    assert named.expert_init == "independent"
     mixture_of_lora = adamix_config(parse_args(["--task_name", "rte", "--adapter_type", "lora", "--lora_alpha", "16"]))
     assert (mixture_of_lora.adapter_type, mixture_of_lora.num_experts, mixture_of_lora.lora_alpha) == ("lora", 4, 16.0)
     with pytest.raises(ValueError, match="adapter_type=lora contradicts --method adapter"):
@@ -252,6 +257,13 @@ BAD_INPUTS = {
         "expert_lr_scale=2.0 needs routed experts: --method adapter with num_experts=1 has none",
     ),
     "unknown unrouted experts semantics": (lambda tmp: ["--unrouted_experts", "frozen"], "'frozen'"),
+    "unknown expert init": (lambda tmp: ["--expert_init", "zeros"], "'zeros'"),
+    "negative adam epsilon": (lambda tmp: ["--adam_epsilon=-1e-6"], "adam_epsilon=-1e-06 is invalid: allowed a positive number"),
+    "backbone dropout of 1": (
+        lambda tmp: ["--backbone_dropout", "1"],
+        "backbone_dropout=1.0 is invalid: allowed 0 <= backbone_dropout < 1",
+    ),
+    "negative backbone dropout": (lambda tmp: ["--backbone_dropout=-0.1"], "backbone_dropout=-0.1 is invalid"),
     "bottleneck larger than hidden": (lambda tmp: ["--bottleneck_dim", "1000"], "bottleneck_dim=1000"),
     "adapter from another architecture": (lambda tmp: ["--adapter_name_or_path", str(_foreign_adapter(tmp))], "foreign_adapter"),
     "non-positive batch size": (lambda tmp: ["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0"),

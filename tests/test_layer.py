@@ -193,13 +193,32 @@ def test_shared_init_starts_every_expert_from_one_draw():
         torch.testing.assert_close(layer.down_weight[k], layer.down_weight[0], rtol=0, atol=0)
 
 
-def test_lora_init_is_kaiming_per_expert_and_zero_b():
+def test_lora_init_is_one_kaiming_draw_copied_to_every_expert_and_zero_b():
+    # The reference's AdamixMergedLinear deep-copies one A into every expert: the experts differ only through routing.
     torch.manual_seed(0)
     layer = AdaMixLoRA(nn.Linear(HIDDEN, HIDDEN), AdaMixConfig(adapter_type="lora", bottleneck_dim=RANK, num_experts=EXPERTS), 0)
     bound = 1 / math.sqrt(HIDDEN)  # kaiming_uniform(a=sqrt(5)) on fan_in = HIDDEN
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
-    assert not torch.equal(layer.lora_A[0], layer.lora_A[1])
+    for k in range(1, EXPERTS):
+        assert torch.equal(layer.lora_A[k], layer.lora_A[0])
     assert torch.count_nonzero(layer.lora_B) == 0 and layer.lora_B.shape[0] == 1
+
+
+def test_each_adapter_type_defaults_to_the_reference_init_and_takes_the_other_by_name():
+    assert AdaMixConfig().expert_init == "independent" and AdaMixConfig(adapter_type="lora").expert_init == "shared"
+    model = add_adamix(tiny_classifier("bert"), AdaMixConfig(bottleneck_dim=RANK, num_experts=EXPERTS, share_up=False))
+    for _, layer in adamix_layers(model):
+        for param in (layer.down_weight, layer.up_weight):
+            assert all(not torch.equal(param[i], param[j]) for i in range(EXPERTS) for j in range(i))
+            assert abs(param.std().item() - 0.02) < 0.004
+    lora_model = add_adamix(tiny_classifier("bert"), AdaMixConfig(adapter_type="lora", bottleneck_dim=RANK, num_experts=EXPERTS))
+    for _, layer in adamix_layers(lora_model):
+        assert all(torch.equal(layer.lora_A[k], layer.lora_A[0]) for k in range(EXPERTS)) and torch.count_nonzero(layer.lora_B) == 0
+    torch.manual_seed(0)
+    independent = AdaMixLoRA(
+        nn.Linear(HIDDEN, HIDDEN), AdaMixConfig(adapter_type="lora", bottleneck_dim=RANK, num_experts=EXPERTS, expert_init="independent"), 0
+    )
+    assert not torch.equal(independent.lora_A[0], independent.lora_A[1])
 
 
 def test_lora_routed_forward_and_fused_slices():

@@ -140,6 +140,11 @@ def test_param_groups_without_scaling_are_the_recipes_two():
     assert (decay, no_decay, scale, other_scale) == (0.1, 0.0, 1.0, 1.0)
     assert weights | biases == {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(name.endswith("bias") for name in biases) and not any(name.endswith("bias") for name in weights)
+    # The reference E2E code's grouping: one group, every trainable parameter decayed.
+    (everything,) = adamw_param_groups(model, 0.1, decay_biases=True)
+    assert everything["weight_decay"] == 0.1 and {id(p) for p in everything["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }
 
 
 @pytest.mark.parametrize("share_up", [True, False])

@@ -11,21 +11,12 @@ ARCHITECTURES = ("bert", "roberta", "deberta-v2", "gpt2")
 def tiny_config(model_type: str, num_labels: int = 2, **overrides):
     """A 2-layer, hidden-32 config of ``model_type``: small enough for a test, same module layout.
 
-    ``overrides`` are further config fields (an encoder's, e.g. DeBERTa's relative attention).
+    ``overrides`` are further config fields or other sizes (an encoder's, e.g. DeBERTa's relative attention).
     """
     if model_type == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=128, pad_token_id=0, num_labels=num_labels)
-    return AutoConfig.for_model(
-        model_type,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=128,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-        **overrides,
-    )
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 128}
+    return AutoConfig.for_model(model_type, **{**sizes, "max_position_embeddings": 64, "num_labels": num_labels, **overrides})
 
 
 def tiny_classifier(model_type: str, seed: int = 0, num_labels: int = 2) -> torch.nn.Module:

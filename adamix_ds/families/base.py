@@ -9,7 +9,9 @@ every family. ``launchers/train.py`` composes one; ``adamix_ds.families.build_fa
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from adamix_ds.consistency import AdaMixLoss, adamix_loss
 from adamix_ds.data import GenerationTaskSpec, TaskData, TaskSpec, load_task
@@ -30,9 +32,36 @@ if TYPE_CHECKING:
 
     from adamix_ds.training.runtime import DistEnv
 
-__all__ = ["TaskFamily"]
+__all__ = ["TaskFamily", "backbone_dropout"]
 
 Batch = Mapping[str, torch.Tensor]
+logger = logging.getLogger(__name__)
+# Config fields holding one of the backbone's dropout probabilities: GPT-2's attn_pdrop, resid_pdrop, embd_pdrop;
+# BERT's hidden_dropout_prob, attention_probs_dropout_prob; Llama's attention_dropout; DeBERTa's pooler_dropout.
+_DROPOUT_FIELD = re.compile(r"dropout|pdrop")
+
+
+def backbone_dropout(model_path: str, probability: float | None) -> dict[str, float]:
+    """``from_pretrained`` keyword arguments that set every dropout probability in ``model_path``'s config to
+    ``probability`` (``{}`` for ``None``: the checkpoint's own). The model builds its dropout from the config,
+    so this reaches functional dropout too. Logs each change, or that there was none to make."""
+    if probability is None:
+        return {}
+    if not 0 <= probability < 1:
+        raise ValueError(f"backbone_dropout={probability} is invalid: allowed 0 <= backbone_dropout < 1")
+    config = AutoConfig.from_pretrained(model_path)
+    fields = {
+        name: value
+        for name, value in config.to_dict().items()
+        if _DROPOUT_FIELD.search(name) and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    changed = [f"{name} {value:g} -> {probability:g}" for name, value in fields.items() if value != probability]
+    if changed:
+        logger.info("backbone dropout: %s", ", ".join(changed))
+    else:
+        already = ", ".join(f"{name}={value:g}" for name, value in fields.items()) or "its config has no dropout probability"
+        logger.info("backbone dropout %g: nothing to change in %s (%s)", probability, config.model_type, already)
+    return dict.fromkeys(fields, float(probability))
 
 
 class TaskFamily(ABC):
@@ -57,8 +86,9 @@ class TaskFamily(ABC):
             tokenizer.pad_token = tokenizer.eos_token
 
     @abstractmethod
-    def load_model(self, model_path: str) -> nn.Module:
-        """The pretrained model with this family's head; ``ValueError`` when ``model_path`` cannot serve it."""
+    def load_model(self, model_path: str, dropout: float | None = None) -> nn.Module:
+        """The pretrained model with this family's head; ``ValueError`` when ``model_path`` cannot serve it.
+        ``dropout`` replaces every dropout probability of the backbone (``backbone_dropout``)."""
 
     def head_modules(self, model: nn.Module) -> list[str] | None:
         """``AdaMixConfig.modules_to_save`` for ``model``: what trains besides the adapters (``None``: the

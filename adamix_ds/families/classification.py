@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 from adamix_ds.consistency import AdaMixLoss, adamix_loss
 from adamix_ds.data import compute_metrics, make_collator
-from adamix_ds.families.base import Batch, TaskFamily
+from adamix_ds.families.base import Batch, TaskFamily, backbone_dropout
 
 __all__ = ["SequenceClassification"]
 
@@ -23,8 +23,10 @@ class SequenceClassification(TaskFamily):
 
     name = "classification"
 
-    def load_model(self, model_path: str) -> nn.Module:
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=self.spec.num_labels)
+    def load_model(self, model_path: str, dropout: float | None = None) -> nn.Module:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=self.spec.num_labels, **backbone_dropout(model_path, dropout)
+        )
         if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by the pad id
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model

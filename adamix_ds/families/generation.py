@@ -148,8 +148,8 @@ class CausalLMGeneration(TaskFamily):
             pad_token_id=self.tokenizer.pad_token_id,
         )
 
-    def load_model(self, model_path: str) -> nn.Module:
-        return load_language_model(model_path, AutoModelForCausalLM)
+    def load_model(self, model_path: str, dropout: float | None = None) -> nn.Module:
+        return load_language_model(model_path, AutoModelForCausalLM, dropout)
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return []  # the LM head is the vocabulary matrix (tied to the input embeddings): it stays frozen

@@ -21,7 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from adamix_ds.data import TaskSpec, compute_metrics
 from adamix_ds.data.glue import Encoder
-from adamix_ds.families.base import Batch, TaskFamily
+from adamix_ds.families.base import Batch, TaskFamily, backbone_dropout
 from adamix_ds.prompts import PromptEncoder, label_word_ids, prompt_setup
 
 __all__ = ["LM_HEAD_TRAINING", "PromptClassification", "load_language_model", "lm_kind"]
@@ -75,11 +75,11 @@ def _drop_frozen_aliases(model: nn.Module, state_dict: dict[str, Any], prefix: s
             state_dict.pop(prefix + name, None)
 
 
-def load_language_model(model_path: str, auto: type) -> nn.Module:
+def load_language_model(model_path: str, auto: type, dropout: float | None = None) -> nn.Module:
     """The checkpoint at ``model_path`` through ``auto`` (``AutoModelForCausalLM``/``AutoModelForMaskedLM``) with
     its pretrained LM head; ``ValueError`` when the head is not in the checkpoint (it would be random). Frozen
-    tied weights stay out of its state dict under their second name."""
-    model, info = auto.from_pretrained(model_path, output_loading_info=True)
+    tied weights stay out of its state dict under their second name. ``dropout``: see ``backbone_dropout``."""
+    model, info = auto.from_pretrained(model_path, output_loading_info=True, **backbone_dropout(model_path, dropout))
     prefix = model.base_model_prefix + "."
     missing = [key for key in info["missing_keys"] if not key.startswith(prefix)]
     if missing:  # a randomly initialised head would predict noise
@@ -120,8 +120,8 @@ class PromptClassification(TaskFamily):
         self.prompt = PromptEncoder(self.template, tokenizer, causal=self.kind == "causal", max_length=max_length)
         self.train_lm_head = train_lm_head
 
-    def load_model(self, model_path: str) -> nn.Module:
-        return load_language_model(model_path, AutoModelForCausalLM if self.kind == "causal" else AutoModelForMaskedLM)
+    def load_model(self, model_path: str, dropout: float | None = None) -> nn.Module:
+        return load_language_model(model_path, AutoModelForCausalLM if self.kind == "causal" else AutoModelForMaskedLM, dropout)
 
     def head_modules(self, model: nn.Module) -> list[str]:
         if self.train_lm_head == "none":

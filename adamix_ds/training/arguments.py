@@ -56,6 +56,14 @@ class ModelArguments:
         default=None,
         metadata={"help": "Start from a saved AdaMix adapter (output_dir/experts or output_dir/adapter of an earlier run)."},
     )
+    backbone_dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Set every dropout probability in the backbone's config (GPT-2's attn/resid/embd_pdrop, BERT's hidden and "
+            "attention dropout, ...) to this value; 0 turns the backbone's dropout off, as in the reference GPT-2 (the adapters' "
+            "own LoRA dropout stays). Default: the checkpoint's own."
+        },
+    )
 
 
 @dataclass
@@ -133,9 +141,12 @@ class AdaMixArguments:
     bottleneck_dim: int = field(default=16, metadata={"help": "Adapter bottleneck size (LoRA rank for --method lora)."})
     share_up: bool = field(default=True, metadata={"help": "One shared up projection for all experts (the paper's setting)."})
     share_down: bool = field(default=False, metadata={"help": "One shared down projection for all experts."})
-    expert_init: Literal["independent", "shared"] = field(
-        default="independent",
-        metadata={"help": "independent: every expert drawn separately (the paper); shared: all experts start from one draw."},
+    expert_init: Literal["independent", "shared"] | None = field(
+        default=None,
+        metadata={
+            "help": "independent: every expert drawn separately; shared: all experts start from one draw and differ only "
+            "through routing. Default: the reference code's choice for the adapter type (bottleneck independent, LoRA shared)."
+        },
     )
     consistency_weight: float | None = field(
         default=None, metadata={"help": "Weight of the two-pass consistency loss (default 1 for adamix; 0 otherwise)."}
@@ -222,7 +233,14 @@ class TrainingArguments:
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch per rank."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=4e-4, metadata={"help": "Peak learning rate (AdaMix recipe; about 2e-5 suits --method full)."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on weights (never on biases)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on weights (on biases too with --decay_biases)."})
+    decay_biases: bool = field(
+        default=False,
+        metadata={
+            "help": "Apply --weight_decay to biases and other 1-D parameters too, as the reference E2E code does (its AdamW "
+            "decays every trainable parameter); off: weights only, run_glue.py's grouping."
+        },
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
@@ -375,6 +393,8 @@ def validate(run: RunArguments) -> None:
     for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
         if getattr(training, name) < 0:
             raise ValueError(f"{name}={getattr(training, name)} is invalid: allowed a number >= 0")
+    if run.model.backbone_dropout is not None and not 0 <= run.model.backbone_dropout < 1:
+        raise ValueError(f"backbone_dropout={run.model.backbone_dropout} is invalid: allowed 0 <= backbone_dropout < 1")
     for name in ("adam_beta1", "adam_beta2", "warmup_ratio"):
         if not 0 <= getattr(training, name) < 1:
             raise ValueError(f"{name}={getattr(training, name)} is invalid: allowed 0 <= {name} < 1")

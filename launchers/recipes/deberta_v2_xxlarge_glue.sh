@@ -24,9 +24,10 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/../..}"
+PRECISION=${PRECISION:-bf16}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
 RECIPE_ARGS=(
-  --model_name_or_path "${MODEL:-microsoft/deberta-v2-xxlarge}" --task_name "${TASK:-rte}" --bf16 --gradient_checkpointing
+  --model_name_or_path "${MODEL:-microsoft/deberta-v2-xxlarge}" --task_name "${TASK:-rte}" --gradient_checkpointing
   --max_seq_length 256 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --learning_rate 1e-4
   --num_train_epochs 10 --warmup_ratio 0.06 --weight_decay 0.1 --max_grad_norm 1.0
   --method adamix --bottleneck_dim 16 --num_experts 4 --consistency_weight 1.0

@@ -16,9 +16,10 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/../..}"
+PRECISION=${PRECISION:-bf16}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 RECIPE_ARGS=(
-  --model_name_or_path "${MODEL:-FacebookAI/roberta-large}" --task_name "${TASK:-mnli}" --bf16
+  --model_name_or_path "${MODEL:-FacebookAI/roberta-large}" --task_name "${TASK:-mnli}"
   --max_seq_length 128 --per_device_train_batch_size 8 --learning_rate 3e-4 --num_train_epochs 20
   --warmup_ratio 0.06 --weight_decay 0.1 --max_grad_norm 1.0
   --method adamix --bottleneck_dim 16 --num_experts 4 --consistency_weight 1.0
