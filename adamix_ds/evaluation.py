@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from adamix_ds.families import TaskFamily
     from adamix_ds.training.runtime import DistEnv
 
-__all__ = ["eval_shard", "evaluate_logits", "gather_shards"]
+__all__ = ["eval_shard", "evaluate_logits", "evaluate_loss", "gather_shards"]
 
 
 def eval_shard(count: int, env: DistEnv) -> tuple[list[int], list[int]]:
@@ -30,7 +30,10 @@ def eval_shard(count: int, env: DistEnv) -> tuple[list[int], list[int]]:
 
 
 def gather_shards(local: object, env: DistEnv) -> list:
-    """Every rank's ``local`` (a picklable shard of ``eval_shard``'s examples), by rank, on every rank."""
+    """Every rank's ``local`` (a picklable shard of ``eval_shard``'s examples), by rank, on every rank (one
+    process needs no process group)."""
+    if env.world_size == 1:
+        return [local]
     shards: list = [None] * env.world_size
     dist.all_gather_object(shards, local)
     return shards
@@ -61,3 +64,24 @@ def evaluate_logits(
     labels = torch.as_tensor(dataset["labels"])
     engine.train(was_training)
     return family.scores(predictions, labels)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, family: TaskFamily, batch_size: int, env: DistEnv
+) -> float:
+    """The mean per-example task loss (``family.loss``, the training objective without consistency) of ``engine``
+    on ``dataset``, the same on every rank; sharded like ``evaluate_logits``, each example counted once. For
+    any family, text generation included: what a held-out selection scores."""
+    was_training = getattr(engine, "module", engine).training
+    engine.eval()
+    own, padded = eval_shard(len(dataset), env)
+    loader = DataLoader(Subset(dataset, padded), batch_size=batch_size, collate_fn=family.collator())
+    losses = []
+    for batch in loader:
+        batch = {key: value.to(engine.device) for key, value in batch.items()}
+        logits = family.logits(engine, {key: value for key, value in batch.items() if key != "labels"})
+        losses += [float(family.loss(logits[i : i + 1], batch["labels"][i : i + 1])) for i in range(len(logits))]
+    engine.train(was_training)
+    shards = gather_shards(losses[: len(own)], env)
+    return sum(sum(shard) for shard in shards) / len(dataset)

@@ -85,17 +85,20 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def adapter_state_dict(model: nn.Module, merged: bool = False) -> dict[str, torch.Tensor]:
-    """CPU tensors of the experts (or their averages with ``merged``), the routing counters and the head.
+    """CPU tensors of the experts (or their merge with ``merged``: ``AdaMixLayer.merged_weights``), the routing
+    counters and the head.
 
     Call it on every rank under ZeRO-3: partitioned parameters are gathered collectively.
     """
     params = _adapter_parameters(model)
-    experts = {f"{name}.{pname}" for name, layer in adamix_layers(model) for pname, _ in layer.named_parameters(recurse=False)}
     with gathered(list(params.values())):
-        tensors = {
-            key: (param.detach().mean(dim=0, keepdim=True) if merged and key in experts else param.detach()).cpu().clone().contiguous()
-            for key, param in params.items()
-        }
+        tensors = {key: param.detach() for key, param in params.items()}
+        if merged:  # each layer's merge (uniform, or the coefficients adamix_ds.merging.set_merge gave it)
+            for name, layer in adamix_layers(model):
+                names = {id(param): f"{name}.{pname}" for pname, param in layer.named_parameters(recurse=False)}
+                experts = layer.expert_parameters()
+                tensors.update(zip((names[id(p)] for p in experts), layer.merge_tensors([p.detach() for p in experts]), strict=True))
+        tensors = {key: value.cpu().clone().contiguous() for key, value in tensors.items()}
     for name, layer in adamix_layers(model):
         tensors[f"{name}.{EXTRA_STATE}"] = layer.get_extra_state()
     return tensors

@@ -60,6 +60,9 @@ class AdaMixLayer(nn.Module):
         self.pass_routes: list[tuple[int, int]] | None = None
         # Which stacked pass a one-row input shared by all passes is computed for (see PerPassPositionBias).
         self.shared_pass: int | None = None
+        # How the experts merge (see adamix_ds.merging.set_merge): per expert parameter, in expert_parameters' order,
+        # weights over dim 0 that sum to 1, or None for the paper's uniform average.
+        self.merge_coefficients: tuple[torch.Tensor | None, ...] | None = None
         self._merged_cache: tuple[tuple, Weights] | None = None
 
     # -- parameters -------------------------------------------------------------------------------
@@ -148,26 +151,43 @@ class AdaMixLayer(nn.Module):
             used.clear()
 
     # -- merging ----------------------------------------------------------------------------------
+    def merge_tensors(self, params: list[torch.Tensor]) -> Weights:
+        """``params`` (the expert parameters' values) averaged over their experts, ``[1, ...]`` each: uniformly, or
+        weighted by ``merge_coefficients``."""
+        coefficients = self.merge_coefficients or (None,) * len(params)
+        return tuple(
+            p.mean(dim=0, keepdim=True) if c is None else (p * c.to(p.dtype)).sum(dim=0, keepdim=True)
+            for p, c in zip(params, coefficients, strict=True)
+        )
+
+    def set_merge_coefficients(self, coefficients: tuple[torch.Tensor | None, ...] | None) -> None:
+        """Merge with ``coefficients`` from now on (``None``: the uniform average); see ``adamix_ds.merging``."""
+        self.merge_coefficients = coefficients
+        self._merged_cache = None
+
     def merged_weights(self) -> Weights:
-        """Expert averages (``[1, ...]`` each), cached until a weight changes.
+        """Expert averages (``[1, ...]`` each; uniform unless ``merge_coefficients`` say otherwise), cached until a
+        weight or the merge changes.
 
         With autograd on, the average is recomputed so that gradients reach the experts.
         """
         params = self.expert_parameters()
         if torch.is_grad_enabled():
-            return tuple(p.mean(dim=0, keepdim=True) for p in params)
+            return self.merge_tensors(params)
         key = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
         if self._merged_cache is None or self._merged_cache[0] != key:
-            self._merged_cache = (key, tuple(p.detach().mean(dim=0, keepdim=True) for p in params))
+            self._merged_cache = (key, self.merge_tensors([p.detach() for p in params]))
         return self._merged_cache[1]
 
     @torch.no_grad()
     def merge_(self) -> None:
-        """Collapse every projection to its expert average, in place: one ordinary adapter remains."""
-        for name, param in list(self.named_parameters(recurse=False)):
-            merged = nn.Parameter(param.mean(dim=0, keepdim=True), requires_grad=param.requires_grad)
-            setattr(self, name, merged)
+        """Collapse every projection to its expert average (``merged_weights``), in place: one ordinary adapter remains."""
+        names = {id(param): name for name, param in self.named_parameters(recurse=False)}
+        params = self.expert_parameters()
+        for param, merged in zip(params, self.merge_tensors([p.detach() for p in params]), strict=True):
+            setattr(self, names[id(param)], nn.Parameter(merged.clone(), requires_grad=param.requires_grad))
         self.num_experts = 1
+        self.merge_coefficients = None
         self._merged_cache = None
 
     def train(self, mode: bool = True) -> AdaMixLayer:
@@ -300,7 +320,7 @@ class AdaMixLoRA(AdaMixLayer):
 
     def delta_weight(self) -> torch.Tensor:
         """The merged update ``scaling * B A`` in ``nn.Linear`` layout ``[out, in]``."""
-        lora_a, lora_b = (p.detach().mean(dim=0) for p in self.expert_parameters())
+        lora_a, lora_b = (p[0] for p in self.merge_tensors([p.detach() for p in self.expert_parameters()]))
         in_features, out_features = base_features(self.base_layer)
         delta = lora_a.new_zeros(out_features, in_features)
         for start, length, block, rows in self._slice_blocks(lora_b):

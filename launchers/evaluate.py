@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Evaluate a trained AdaMix run under every inference routing: merged, ensemble, each single expert and
-R random-routing draws, on the same evaluation split (the paper's Fig. 5).
+R random-routing draws, on the same evaluation split (the paper's Fig. 5); by name also the greedy soup and the
+Fisher-weighted merge (on the run's held-out rows and training batches).
 
     python launchers/evaluate.py --adapter_name_or_path outputs/rte_adamix/experts --eval_modes all --output_file modes.json
+    python launchers/evaluate.py --adapter_name_or_path OUT/experts --eval_modes merged,greedy_soup,fisher   # OUT trained with --holdout_samples
     python launchers/evaluate.py --adapter_name_or_path OUT/experts --task_name rte --data_dir ../shared/data/glue \
         --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 --eval_modes merged,random --random_draws 20
 
@@ -39,6 +41,7 @@ from adamix_ds.training import (
 )
 from adamix_ds.training.arguments import family_options, parse_eval_args
 from adamix_ds.training.eval_modes import evaluate_modes, parse_eval_modes
+from adamix_ds.training.merges import MERGE_MODES, compute_merge, hold_out
 from adamix_ds.training.runtime import logger
 
 
@@ -56,16 +59,24 @@ def main(argv: list[str] | None = None) -> None:
         if record is not None:
             options.update(record_arguments(record))
         family = build_family(get_task_spec(run.data.task_name), tokenizer, run.data.max_seq_length, model_path, **options)
-        # Only the eval splits are scored.
-        data = family.load_data(resolve_data_dir(run.data.task_name, run.data.data_dir), 1, run.data.max_eval_samples)
+        modes = parse_eval_modes(run.evaluation.eval_modes)
+        merges = [mode for mode in modes if mode in MERGE_MODES]
+        # The eval splits are scored; the training split (and its held-out rows, as the run held them out) only
+        # feeds the merges.
+        train_samples = run.data.max_train_samples if merges else 1
+        data = family.load_data(resolve_data_dir(run.data.task_name, run.data.data_dir), train_samples, run.data.max_eval_samples)
+        data, holdout = hold_out(data, run.data.holdout_samples if merges else None)
         model = family.load_model(model_path)
         load_adapter(model, run.model.adapter_name_or_path)
     init_distributed(env)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
-    modes = parse_eval_modes(run.evaluation.eval_modes)
     logger.info("evaluating %s on %s: %s", run.model.adapter_name_or_path, run.data.task_name, ", ".join(modes))
-    results = evaluate_modes(model, data, family, run.evaluation.per_device_eval_batch_size, env, modes, run.evaluation.random_draws)
+    batch_size = run.evaluation.per_device_eval_batch_size
+    merged = {
+        name: compute_merge(name, model, family, data.train, holdout, batch_size, env, run.evaluation.fisher_batches) for name in merges
+    }
+    results = evaluate_modes(model, data, family, batch_size, env, modes, run.evaluation.random_draws, merged)
     if env.is_main:
         text = json.dumps(results, indent=2) + "\n"
         if run.evaluation.output_file is None:

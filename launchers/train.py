@@ -43,6 +43,7 @@ from transformers import AutoTokenizer
 from adamix_ds import ExpertStepGuard, add_adamix, count_parameters, enable_activation_checkpointing, load_adapter
 from adamix_ds.data import get_task_spec
 from adamix_ds.families import build_family
+from adamix_ds.merging import set_merge
 from adamix_ds.optim import adamw_param_groups
 from adamix_ds.training import (
     DeepSpeedOptimizerAccess,
@@ -76,6 +77,7 @@ from adamix_ds.training.arguments import DEMO_PRESET, family_options, to_dict
 from adamix_ds.training.checkpoint import CHECKPOINTS, CheckpointSaveError
 from adamix_ds.training.elastic import resume_checkpoint
 from adamix_ds.training.eval_modes import EVAL_MODES_FILE, evaluate_modes, parse_eval_modes
+from adamix_ds.training.merges import MERGE_MODES, compute_merge, hold_out
 from adamix_ds.training.preemption import PreemptionSignal, request_requeue
 from adamix_ds.training.runtime import logger
 
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         data_dir = resolve_data_dir(run.data.task_name, run.data.data_dir)
         logger.info("data: %s from %s", run.data.task_name, data_dir or "the Hugging Face Hub")
         data = family.load_data(data_dir, run.data.max_train_samples, run.data.max_eval_samples)
+        data, holdout = hold_out(data, run.data.holdout_samples)  # what a greedy soup selects on, never trained on
         schedule = TrainSchedule.build(
             len(data.train),
             env.world_size,
@@ -116,6 +119,12 @@ def main(argv: list[str] | None = None) -> None:
             args.warmup_steps,
         )
         ds_config = build_ds_config(args.deepspeed, args, env.world_size, schedule, job_name=output_dir.name)
+        modes = () if run.adamix.eval_modes is None else parse_eval_modes(run.adamix.eval_modes)
+        merges = sorted({mode for mode in modes if mode in MERGE_MODES} | {run.adamix.merge} - {"uniform"})
+        if "fisher" in merges and zero_stage(ds_config) == 3:
+            raise ValueError(
+                "fisher merging needs whole parameters, not ZeRO-3 partitions: use ZeRO 0-2, or launchers/evaluate.py on OUT/experts"
+            )
         if torch.cuda.is_available():  # where DeepSpeed JIT-builds its fused AdamW
             check_cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
         torch.manual_seed(args.seed)  # the same head and expert initialisation on every rank
@@ -270,11 +279,21 @@ def main(argv: list[str] | None = None) -> None:
     # -- The end: evaluate the merged model, keep a resumable checkpoint, save merged adapter and experts.
     if metrics.get("step") != step:
         metrics = {**evaluate_and_keep_best(step), "step": step}
-    if run.adamix.eval_modes is not None:  # every routing of the final experts, for the paper's Fig. 5
-        modes = parse_eval_modes(run.adamix.eval_modes)
-        routings = evaluate_modes(engine, data, family, args.per_device_eval_batch_size, env, modes, run.adamix.random_draws)
+    # The merges beyond the uniform average: evaluated as modes, and the one --merge names is what adapter/ holds.
+    merged = {
+        name: compute_merge(name, engine, family, data.train, holdout, args.per_device_eval_batch_size, env, run.adamix.fisher_batches)
+        for name in merges
+    }
+    if modes:  # every routing of the final experts, for the paper's Fig. 5
+        routings = evaluate_modes(engine, data, family, args.per_device_eval_batch_size, env, modes, run.adamix.random_draws, merged)
         if env.is_main:
             (output_dir / EVAL_MODES_FILE).write_text(json.dumps(routings, indent=2) + "\n")
+    merge_summary = None
+    if run.adamix.merge != "uniform":
+        coefficients, record = merged[run.adamix.merge]
+        set_merge(engine.module, coefficients)
+        merge_summary = {"merge": run.adamix.merge, **record, **evaluate_splits(engine, data, family, args.per_device_eval_batch_size, env)}
+        logger.info("merge %s: %s", run.adamix.merge, json.dumps(merge_summary))
     if saved_step != step:
         save_checkpoint(engine, output_dir, state, args.save_total_limit)
     checkpoint_dir = output_dir / CHECKPOINTS / f"step-{step}"
@@ -287,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "final": {**metrics, "epoch": (step + state.data_step_offset) / schedule.steps_per_epoch},
         "best": {**state.best_metrics, "step": state.best_step},
+        "merge": merge_summary,  # adapter/'s merge when not the uniform average, with its scores
         "train_runtime": train_runtime,
         "train_samples": trained_samples,
         "train_samples_per_second": trained_samples / train_runtime if train_runtime > 0 else 0.0,

@@ -258,6 +258,21 @@ BAD_INPUTS = {
     ),
     "unknown unrouted experts semantics": (lambda tmp: ["--unrouted_experts", "frozen"], "'frozen'"),
     "unknown expert init": (lambda tmp: ["--expert_init", "zeros"], "'zeros'"),
+    "unknown merge": (lambda tmp: ["--merge", "average"], "'average'"),
+    "no Fisher batch": (lambda tmp: ["--merge", "fisher", "--fisher_batches", "0"], "fisher_batches=0 is invalid: allowed an integer >= 1"),
+    "greedy soup without a held-out split": (
+        lambda tmp: ["--eval_modes", "merged,greedy_soup"],
+        "greedy_soup selects on held-out training examples: add --holdout_samples N",
+    ),
+    "held-out split as large as the training set": (
+        lambda tmp: ["--holdout_samples", "16", "--merge", "greedy_soup"],
+        "holdout_samples=16 is invalid: allowed 1..15",
+    ),
+    "fisher merge at ZeRO-3": (
+        lambda tmp: ["--merge", "fisher", "--deepspeed", str(REPO_ROOT / "ds_configs" / "zero3.json")],
+        "fisher merging needs whole parameters, not ZeRO-3 partitions",
+    ),
+    "merge without experts": (lambda tmp: ["--method", "adapter", "--merge", "fisher"], "merge=fisher needs experts to merge"),
     "negative adam epsilon": (lambda tmp: ["--adam_epsilon=-1e-6"], "adam_epsilon=-1e-06 is invalid: allowed a positive number"),
     "backbone dropout of 1": (
         lambda tmp: ["--backbone_dropout", "1"],

@@ -411,6 +411,10 @@ def test_two_rank_prompt_run_trains_saves_and_reevaluates(checkpoints, tmp_path,
         "--per_device_train_batch_size", "4", "--max_steps", "3", "--bottleneck_dim", "4", "--output_dir", str(output_dir),
         "--eval_modes", "merged,fixed",
     ]  # fmt: skip
+    # At ZeRO-2 the run also merges beyond the average: a greedy soup on 6 held-out rows (adapter/ holds it) and Fisher.
+    merges = stage == "zero2"
+    if merges:
+        args += ["--holdout_samples", "6", "--merge", "greedy_soup", "--eval_modes", "merged,fixed,greedy_soup,fisher"]
     completed = _run("deepspeed", args)
     assert completed.returncode == 0, completed.stderr[-3000:]
     final = json.loads((output_dir / "metrics.json").read_text())["final"]
@@ -418,10 +422,12 @@ def test_two_rank_prompt_run_trains_saves_and_reevaluates(checkpoints, tmp_path,
     assert read_task_record(output_dir / "experts")["template"] == BUILTIN_PROMPTS[task][0]
     modes = json.loads((output_dir / "eval_modes.json").read_text())
     assert modes["merged"]["test_accuracy"] == final["test_accuracy"] and len(modes["fixed"]) == 4
+    if merges:
+        _check_merges(output_dir, modes)
     evaluate = [sys.executable, str(REPO_ROOT / "launchers" / "evaluate.py"), "--adapter_name_or_path", str(output_dir / "experts")]
     modes_file = tmp_path / "modes.json"
     merged = subprocess.run(
-        [*evaluate, "--eval_modes", "merged", "--output_file", str(modes_file)],
+        [*evaluate, "--eval_modes", "merged,greedy_soup,fisher" if merges else "merged", "--output_file", str(modes_file)],
         cwd=REPO_ROOT,
         env=subprocess_env(),
         capture_output=True,
@@ -429,9 +435,33 @@ def test_two_rank_prompt_run_trains_saves_and_reevaluates(checkpoints, tmp_path,
         timeout=300,
     )
     assert merged.returncode == 0, merged.stderr[-3000:]
-    scores = json.loads(modes_file.read_text())["merged"]
+    again = json.loads(modes_file.read_text())
+    scores = again["merged"]
     assert scores["test_accuracy"] == final["test_accuracy"]
     assert scores["test_loss"] == pytest.approx(final["test_loss"], rel=1e-5)
+    if merges:  # one process, after the fact: the same held-out rows and training batches, the same choices
+        assert again["greedy_soup"]["chosen"] == modes["greedy_soup"]["chosen"]
+        for mode in ("greedy_soup", "fisher"):
+            assert again[mode]["test_loss"] == pytest.approx(modes[mode]["test_loss"], rel=1e-4)
+
+
+def _check_merges(output_dir: Path, modes: dict) -> None:
+    """The run's soup selected on its held-out rows and adapter/ holds it; Fisher used its training batches."""
+    from safetensors.torch import load_file
+
+    soup, fisher = modes["greedy_soup"], modes["fisher"]
+    assert soup["selection_split"] == "holdout: the last 6 training examples, removed before training"
+    assert sorted(soup["order"]) == [0, 1, 2, 3] and soup["chosen"][0] == soup["order"][0]
+    assert soup["expert_scores"][soup["order"][0]] == max(soup["expert_scores"])
+    assert fisher["fisher_batches"] == 1 and fisher["examples"] == 24 and "test_accuracy" in fisher
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["merge"]["merge"] == "greedy_soup" and metrics["merge"]["test_loss"] == pytest.approx(soup["test_loss"], rel=1e-5)
+    experts, adapter = (
+        load_file(output_dir / "experts" / "adapter_model.safetensors"),
+        load_file(output_dir / "adapter" / "adapter_model.safetensors"),
+    )
+    down = next(key for key in experts if key.endswith("down_weight"))
+    torch.testing.assert_close(adapter[down][0], experts[down][soup["chosen"]].mean(0))
 
 
 @pytest.mark.slow

@@ -95,6 +95,13 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep the first N examples of every evaluation split (e2e_nlg: decode the first N MRs)."}
     )
+    holdout_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Remove the last N training examples before training and keep them as a held-out split, what --merge "
+            "greedy_soup and --eval_modes greedy_soup select on (never the split that is reported)."
+        },
+    )
     prompt: bool = field(
         default=False,
         metadata={
@@ -178,6 +185,17 @@ class AdaMixArguments:
         },
     )
     random_draws: int = field(default=10, metadata={"help": "Random-routing evaluations for --eval_modes random."})
+    merge: Literal["uniform", "greedy_soup", "fisher"] = field(
+        default="uniform",
+        metadata={
+            "help": "How output_dir/adapter merges the experts: uniform (their average, the paper), greedy_soup (experts sorted "
+            "by their held-out loss, each kept only if the soup's does not rise; needs --holdout_samples) or fisher (each "
+            "element weighted by the experts' diagonal Fisher over --fisher_batches training batches; ZeRO 0-2)."
+        },
+    )
+    fisher_batches: int = field(
+        default=8, metadata={"help": "Training batches (of --per_device_eval_batch_size) that estimate the Fisher merge."}
+    )
     target_modules: str | None = field(
         default=None,
         metadata={
@@ -419,6 +437,9 @@ def validate(run: RunArguments) -> None:
         )
     if run.adamix.random_draws < 1:
         raise ValueError(f"random_draws={run.adamix.random_draws} is invalid: allowed an integer >= 1")
+    check_merges(run.adamix.merge, run.adamix.eval_modes, run.adamix.fisher_batches, data.holdout_samples)
+    if run.adamix.merge != "uniform" and (run.adamix.method != "adamix" or run.adamix.num_experts == 1):
+        raise ValueError(f"merge={run.adamix.merge} needs experts to merge: --method adamix with num_experts > 1")
     if run.adamix.eval_modes is not None:
         if run.adamix.method == "full":
             raise ValueError(f"eval_modes={run.adamix.eval_modes!r} needs an adapter method: --method full has no experts to route")
@@ -433,6 +454,17 @@ def validate(run: RunArguments) -> None:
         raise ValueError(f"{changed}={getattr(run.generation, changed)} needs a generation task (e2e_nlg), not {spec.name}")
     run.generation.decoding()
     check_prompt(run.data)
+
+
+def check_merges(merge: str, eval_modes: str | None, fisher_batches: int, holdout_samples: int | None) -> None:
+    """Check the merge flags against each other; ``ValueError`` names the first bad one."""
+    if fisher_batches < 1:
+        raise ValueError(f"fisher_batches={fisher_batches} is invalid: allowed an integer >= 1")
+    if holdout_samples is not None and holdout_samples < 1:
+        raise ValueError(f"holdout_samples={holdout_samples} is invalid: allowed an integer >= 1")
+    soups = merge == "greedy_soup" or (eval_modes is not None and "greedy_soup" in parse_eval_modes(eval_modes))
+    if soups and holdout_samples is None:
+        raise ValueError("greedy_soup selects on held-out training examples: add --holdout_samples N")
 
 
 def check_prompt(data: DataArguments) -> dict[str, str] | None:
@@ -522,6 +554,9 @@ class EvalArguments:
 
     eval_modes: str = field(default="all", metadata={"help": "'all' or a comma-separated list of merged, ensemble, fixed, random."})
     random_draws: int = field(default=10, metadata={"help": "Random-routing evaluations for the random mode."})
+    fisher_batches: int = field(
+        default=8, metadata={"help": "Training batches (of --per_device_eval_batch_size) that estimate the fisher merge."}
+    )
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch per rank."})
     output_file: str | None = field(default=None, metadata={"help": "Write the JSON here (default: print it)."})
 
@@ -540,7 +575,18 @@ class EvalRun:
 # backbone, data and batching, so that its "merged" result equals that run's own final evaluation.
 _RUN_DEFAULTS = {
     "model": ("model_name_or_path", "tokenizer_name"),
-    "data": ("task_name", "data_dir", "max_seq_length", "max_eval_samples", "prompt", "template", "label_words"),
+    # max_train_samples and holdout_samples: the merges' training batches and held-out rows are the run's own.
+    "data": (
+        "task_name",
+        "data_dir",
+        "max_seq_length",
+        "max_train_samples",
+        "max_eval_samples",
+        "holdout_samples",
+        "prompt",
+        "template",
+        "label_words",
+    ),  # fmt: skip
     "generation": tuple(field.name for field in dataclasses.fields(GenerationArguments)),
     "evaluation": ("per_device_eval_batch_size",),
 }
@@ -585,6 +631,6 @@ def parse_eval_args(argv: list[str] | None = None) -> EvalRun:
         value = getattr(data, name, None) if hasattr(data, name) else getattr(evaluation, name)
         if value is not None and value < 1:
             raise ValueError(f"{name}={value} is invalid: allowed an integer >= 1")
-    parse_eval_modes(evaluation.eval_modes)
+    check_merges("uniform", evaluation.eval_modes, evaluation.fisher_batches, data.holdout_samples)
     generation.decoding()
     return run

@@ -2,25 +2,29 @@
 
 ``merged`` (expert averages), ``ensemble`` (mean of the experts' outputs), ``fixed`` (each single
 expert: every down expert with the shared up, every (down, up) pair when neither is shared) and
-``random`` (R independent random-routing evaluations). The result, one JSON object::
+``random`` (R independent random-routing evaluations); by name also the merges beyond the uniform
+average, ``greedy_soup`` and ``fisher`` (``adamix_ds.training.merges``). The result, one JSON object::
 
     {"merged": {"eval_accuracy": ..}, "ensemble": {..},
-     "fixed": [{"down": 0, "up": 0, "eval_accuracy": ..}, ..], "random": [{"draw": 0, "eval_accuracy": ..}, ..]}
+     "fixed": [{"down": 0, "up": 0, "eval_accuracy": ..}, ..], "random": [{"draw": 0, "eval_accuracy": ..}, ..],
+     "greedy_soup": {"selection_split": .., "chosen": [..], "eval_accuracy": ..}, "fisher": {"fisher_batches": .., ..}}
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from adamix_ds.config import EVAL_MODES
 from adamix_ds.data import TaskData
+from adamix_ds.merging import Coefficients, set_merge
 from adamix_ds.model import adamix_layers, get_config, set_eval_mode
 from adamix_ds.routing import Projection
 from adamix_ds.training.data import evaluate_splits
+from adamix_ds.training.merges import MERGE_MODES
 from adamix_ds.training.runtime import DistEnv
 
 if TYPE_CHECKING:
@@ -36,13 +40,14 @@ DRAW_STRIDE = 2**32
 
 
 def parse_eval_modes(text: str) -> tuple[str, ...]:
-    """``"all"`` or a comma-separated subset of ``merged, ensemble, fixed, random``; ``ValueError`` otherwise."""
-    if text.strip() == ALL:
-        return EVAL_MODES
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in modes if m not in EVAL_MODES]
+    """A comma-separated list of ``merged, ensemble, fixed, random, greedy_soup, fisher`` and ``all`` (the four
+    routings); ``ValueError`` otherwise."""
+    named = [m.strip() for m in text.split(",") if m.strip()]
+    modes = tuple(mode for m in named for mode in (EVAL_MODES if m == ALL else (m,)))
+    allowed = EVAL_MODES + MERGE_MODES
+    bad = [m for m in modes if m not in allowed]
     if bad or not modes:
-        raise ValueError(f"eval_modes={text!r} is invalid: allowed {ALL!r} or a comma-separated list of {', '.join(EVAL_MODES)}")
+        raise ValueError(f"eval_modes={text!r} is invalid: allowed {ALL!r} or a comma-separated list of {', '.join(allowed)}")
     return tuple(dict.fromkeys(modes))
 
 
@@ -54,19 +59,25 @@ def evaluate_modes(
     env: DistEnv,
     modes: Sequence[str] = EVAL_MODES,
     random_draws: int = 10,
+    merges: Mapping[str, tuple[Coefficients, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``engine`` (an engine, or an AdaMix model) under each routing of ``modes`` on every eval split,
-    through ``family`` (its batches, logits and metrics).
+    through ``family`` (its batches, logits and metrics). A merge mode (``greedy_soup``, ``fisher``) evaluates
+    ``merges[mode]``'s coefficients (``adamix_ds.training.merges.compute_merge``) and reports its record.
 
-    The model's own eval mode and random-routing counters are restored afterwards, so a run that calls
+    The model's own eval mode, merge and random-routing counters are restored afterwards, so a run that calls
     this at its end saves the same adapter and checkpoint as one that does not.
     """
+    missing = [mode for mode in modes if mode in MERGE_MODES and mode not in (merges or {})]
+    if missing:
+        raise ValueError(f"eval_modes {', '.join(missing)} need their merge computed first (compute_merge)")
     if random_draws < 1:
         raise ValueError(f"random_draws={random_draws} is invalid: allowed an integer >= 1")
     model = getattr(engine, "module", engine)
     config = get_config(model)
     layers = [layer for _, layer in adamix_layers(model)]
     counters = [layer.eval_forward_count for layer in layers]
+    previous = {name: layer.merge_coefficients for name, layer in adamix_layers(model)}
     n_down, n_up = (layers[0].experts_in(p) for p in Projection)
 
     def scores() -> dict[str, float]:
@@ -78,6 +89,12 @@ def evaluate_modes(
             if mode in ("merged", "ensemble"):
                 set_eval_mode(model, mode)
                 results[mode] = scores()
+            elif mode in MERGE_MODES:
+                coefficients, record = merges[mode]
+                set_merge(model, coefficients)
+                set_eval_mode(model, "merged")
+                results[mode] = {**record, **scores()}
+                set_merge(model, previous)
             elif mode == "fixed":
                 results[mode] = []
                 for down, up in itertools.product(range(n_down), range(n_up)):
@@ -91,6 +108,7 @@ def evaluate_modes(
                         layer.eval_forward_count = draw * DRAW_STRIDE
                     results[mode].append({"draw": draw, **scores()})
     finally:
+        set_merge(model, previous)
         set_eval_mode(model, config.eval_mode, config.eval_expert)
         for layer, count in zip(layers, counters, strict=True):
             layer.eval_forward_count = count

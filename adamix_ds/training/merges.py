@@ -1,0 +1,76 @@
+"""The merges of ``adamix_ds.merging`` on a run's data: the held-out slice a greedy soup selects on, the training
+batches a Fisher merge estimates on, and the record of what each merge chose.
+
+The held-out slice (``--holdout_samples N``) is the last ``N`` examples of the training set, removed before
+training: a soup never selects on data it trained on or on the split it is scored on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from adamix_ds.data import TaskData
+from adamix_ds.evaluation import evaluate_loss
+from adamix_ds.merging import Coefficients, fisher_coefficients, fisher_diagonals, greedy_soup
+from adamix_ds.training.runtime import DistEnv
+
+if TYPE_CHECKING:
+    import datasets
+    from deepspeed import DeepSpeedEngine
+
+    from adamix_ds.families import TaskFamily
+
+MERGE_MODES = ("greedy_soup", "fisher")  # evaluation modes beside adamix_ds.config.EVAL_MODES
+
+
+def hold_out(data: TaskData, count: int | None) -> tuple[TaskData, datasets.Dataset | None]:
+    """``data`` without the last ``count`` training examples, and those examples (``None`` when ``count`` is)."""
+    if count is None:
+        return data, None
+    size = len(data.train)
+    if not 1 <= count < size:
+        raise ValueError(f"holdout_samples={count} is invalid: allowed 1..{size - 1} (the training set has {size} examples)")
+    return dataclasses.replace(data, train=data.train.select(range(size - count))), data.train.select(range(size - count, size))
+
+
+def selection_split(count: int) -> str:
+    """How a soup's selection split is named in the outputs."""
+    return f"holdout: the last {count} training examples, removed before training"
+
+
+def compute_merge(
+    name: str,
+    engine: DeepSpeedEngine | nn.Module,
+    family: TaskFamily,
+    train: datasets.Dataset,
+    holdout: datasets.Dataset | None,
+    batch_size: int,
+    env: DistEnv,
+    fisher_batches: int,
+) -> tuple[Coefficients, dict[str, Any]]:
+    """The coefficients of merge ``name`` (``greedy_soup`` or ``fisher``) for ``engine``'s experts, and a record of
+    what it chose (JSON). The soup scores the negative task loss on ``holdout``; Fisher uses the first
+    ``fisher_batches`` batches of ``batch_size`` examples of ``train`` (the same on every rank)."""
+    model = getattr(engine, "module", engine)
+    if name == "greedy_soup":
+        if holdout is None:
+            raise ValueError("greedy_soup needs a held-out split: train with --holdout_samples N")
+        soup = greedy_soup(model, lambda: -evaluate_loss(engine, holdout, family, batch_size, env))
+        return soup.coefficients, {"selection_split": selection_split(len(holdout)), "score": "negative task loss", **soup.summary()}
+    if name == "fisher":
+        if fisher_batches < 1:
+            raise ValueError(f"fisher_batches={fisher_batches} is invalid: allowed an integer >= 1")
+        count = min(len(train), fisher_batches * batch_size)
+        loader = DataLoader(Subset(train, range(count)), batch_size=batch_size, collate_fn=family.collator())
+        batches = [{key: value.to(model.device) for key, value in batch.items()} for batch in loader]
+
+        def loss(module: nn.Module, batch: dict) -> Any:
+            return family.loss(family.logits(module, {k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
+
+        fisher = fisher_diagonals(model, batches, loss)
+        return fisher_coefficients(fisher), {"fisher_batches": len(batches), "batch_size": batch_size, "examples": count}
+    raise ValueError(f"merge={name!r} is invalid: allowed {', '.join(MERGE_MODES)}")
