@@ -13,7 +13,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib.util
+import importlib
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -461,25 +461,60 @@ def test_default_cpu_run_never_loads_triton_kernels():
     subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT, check=True, timeout=120)
 
 
-def load_kernel_bench():
-    spec = importlib.util.spec_from_file_location("kernel_bench", REPO_ROOT / "benchmarks" / "kernel_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their defining module up in sys.modules.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def load_benchmark(name: str):
+    """A benchmark script as a module (they import their siblings, so ``benchmarks/`` goes on the path)."""
+    if str(REPO_ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    return importlib.import_module(name)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so the benchmark would run")
 def test_kernel_bench_without_gpu_says_so_in_one_line(capsys):
-    assert load_kernel_bench().main(["--fast"]) == 0
+    assert load_benchmark("kernel_bench").main(["--fast"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 1
 
 
 def test_kernel_bench_floors_table(capsys):
-    assert load_kernel_bench().main(["--floors", "--tokens", "8192", "--hidden", "768", "--ranks", "8", "64"]) == 0
+    assert load_benchmark("kernel_bench").main(["--floors", "--tokens", "8192", "--hidden", "768", "--ranks", "8", "64"]) == 0
     header, rule, *rows = capsys.readouterr().out.strip().splitlines()
     assert header.startswith("| tokens | d | r |") and len(rows) == 2
     # bf16: forward 2·(2·N·d + 2·r·d + r + d) bytes, forward + backward 12·N·d·r FLOPs.
     assert rows[0].split("|")[4].strip() == f"{2 * (2 * 8192 * 768 + 2 * 8 * 768 + 8 + 768) / 1e6:.1f}"
     assert rows[1].split("|")[6].strip() == f"{12 * 8192 * 768 * 64 / 1e9:.2f}"
+
+
+def test_kernel_bench_derives_the_dispatcher_rule_from_the_measured_speedups():
+    bench = load_benchmark("kernel_bench")
+
+    def row(tokens: int, d: int, r: int, speedup: float) -> dict:
+        return {"tokens": tokens, "d": d, "r": r, "speedup": speedup}
+
+    rows = [row(8192, 768, 8, 0.9), row(8192, 1536, 64, 1.3), row(16384, 768, 8, 1.2), row(16384, 1536, 48, 1.6), row(65536, 1024, 16, 2.0)]
+    rule = bench.derive_rule(rows, "NVIDIA H200", torch.bfloat16)
+    assert rule == FusedFasterRule("NVIDIA H200", torch.bfloat16, min_tokens=16384, hidden_range=(768, 1536), max_rank=48)
+    assert "FusedFasterRule(device_name='NVIDIA H200', dtype=torch.bfloat16, min_tokens=16384" in bench.rule_text(rule)
+    # Within the timing margin at the largest token count: no token count from which every shape is faster.
+    rows.append(row(65536, 768, 8, 1.03))
+    assert bench.derive_rule(rows, "NVIDIA H200", torch.bfloat16) is None
+    assert "eager stays the default" in bench.rule_text(None)
+
+
+def test_stack_step_times_every_method_through_both_kernels(launch_log):
+    bench = load_benchmark("stack_step")
+    rows = bench.run_stack_step(
+        layers=2, hidden=32, tokens=32, batch=2, rank=4, experts=2, dtype="float32", device="cpu", rounds=1, steps=1, warmup=0
+    )
+    assert [(row["method"], row["kernel"]) for row in rows] == [(m, k or "peft") for m, k in bench.RUNS]
+    # Per layer: AdaMix 2 down experts [4, 32] + biases and one shared up [32, 4] + bias; the adapter one of each;
+    # LoRA A [4, 128] and B [32, 4] on the 128 -> 32 projection.
+    trainable = {row["method"]: row["trainable"] for row in rows}
+    assert trainable == {
+        "adamix": 2 * (2 * (4 * 32 + 4) + 32 * 4 + 32),
+        "adapter": 2 * (4 * 32 + 4 + 32 * 4 + 32),
+        "lora": 2 * (4 * 128 + 32 * 4),
+    }
+    assert all(row["ms"] > 0 and row["time_vs_lora"] > 0 for row in rows)
+    assert {row["speedup_vs_eager"] for row in rows if row["kernel"] in ("eager", "peft")} == {1.0}
+    # The two fused runs, one step each through 2 layers: 4 forward launches, 3 backward launches each.
+    assert launch_log.count("_adapter_fwd_kernel") == 4
+    assert launch_log.count("_adapter_bwd_reduce_kernel") == 4
