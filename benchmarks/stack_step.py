@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("stack_step: no CUDA device available, nothing timed")
         return 0
-    rows = run_stack_step(**{k: v for k, v in vars(args).items()}, device="cuda")
+    rows = run_stack_step(**vars(args), device="cuda")
     print(
         f"{torch.cuda.get_device_name()}, {args.dtype}: {args.layers} layers, d = {args.hidden}, {args.tokens} tokens in "
         f"{args.batch} sequences, rank {args.rank}, AdaMix with {args.experts} experts (up shared); median of "

@@ -148,9 +148,10 @@ def _routes_tensor(routes: Routes, device: torch.device) -> torch.Tensor:
     return _cached_routes_tensor(key, device)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4096)
 def _cached_routes_tensor(routes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    # Made once per distinct routing (a few dozen for M = 4), so a call costs no host-to-device copy.
+    # Made once per distinct routing (16 for M = 4 with up shared and two passes), so a call costs no
+    # host-to-device copy; bounded for many experts and passes.
     return torch.tensor(routes, dtype=torch.int64).to(device)
 
 
@@ -181,8 +182,8 @@ def _use_triton(
     )
 
 
+# A constant of the process: torch.compile evaluates it once while tracing instead of tracing into it.
 @torch.compiler.assume_constant_result
-@functools.cache
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 

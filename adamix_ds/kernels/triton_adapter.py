@@ -389,6 +389,8 @@ def adapter_forward_triton(
     ``[P, 2]`` integer ``routes`` on its device; returns ``(y [N, d], pre [N, r] fp32)``."""
     n_tokens, hidden_size = hidden.shape
     n_passes = routes.shape[0]
+    if n_passes == 0 or n_tokens % n_passes:
+        raise ValueError(f"{n_passes} routes for {n_tokens} rows: allowed one (down, up) pair per equal chunk")
     rank = down_weight.shape[1]
     y = torch.empty_like(hidden)
     pre = torch.empty(n_tokens, rank, dtype=torch.float32, device=hidden.device)
@@ -466,10 +468,12 @@ def adapter_backward_triton(
         BLOCK_R=block_r,
     )
     dz = torch.empty(n_tokens, rank, dtype=torch.float32, device=device)
-    dwd_part = torch.empty(n_passes, n_splits, rank, hidden_size, dtype=torch.float32, device=device)
-    dbd_part = torch.empty(n_passes, n_splits, rank, dtype=torch.float32, device=device)
-    dwu_part = torch.empty(n_passes, n_splits, hidden_size, rank, dtype=torch.float32, device=device)
-    dbu_part = torch.empty(n_passes, n_splits, hidden_size, dtype=torch.float32, device=device)
+    # At least one split's room even with none, so the reduction never gets a null pointer (it reads none).
+    slots = max(n_splits, 1)
+    dwd_part = torch.empty(n_passes, slots, rank, hidden_size, dtype=torch.float32, device=device)
+    dbd_part = torch.empty(n_passes, slots, rank, dtype=torch.float32, device=device)
+    dwu_part = torch.empty(n_passes, slots, hidden_size, rank, dtype=torch.float32, device=device)
+    dbu_part = torch.empty(n_passes, slots, hidden_size, dtype=torch.float32, device=device)
     with _launch_device(device):
         if n_token_blocks:
             _adapter_bwd_dz_kernel[(n_token_blocks, n_passes)](
