@@ -319,6 +319,32 @@ def test_one_launch_forward_three_launch_backward(launch_log, shape_key, as_tens
     assert all(leaf.grad is not None for leaf in leaves)
 
 
+@pytest.mark.parametrize("passes", [1, 2], ids=["routed", "stacked"])
+def test_an_adamix_layer_call_launches_one_adapter_kernel_forward_and_three_backward(launch_log, passes):
+    from adamix_ds import AdaMixConfig
+    from adamix_ds.layer import AdaMixBottleneck
+
+    layer = AdaMixBottleneck(torch.nn.Linear(24, 40), AdaMixConfig(bottleneck_dim=8, num_experts=4, share_up=False), layer_id=0)
+    layer.base_layer.requires_grad_(False)
+    layer.train()
+    layer.passes = passes
+    x = torch.randn(passes * 3, 5, 24)
+    layer(x).sum().backward()  # the first call with this routing makes its device tensor
+    layer.forward_count = 0  # the same routing again
+    layer.zero_grad(set_to_none=True)  # so the next backward stores gradients rather than adding them
+    launch_log.clear()
+    with _LaunchLog(launch_log):
+        out = layer(x)
+    forward = list(launch_log)
+    grad_out = torch.randn_like(out)
+    launch_log.clear()
+    with _LaunchLog(launch_log):
+        out.backward(grad_out)
+    # The frozen base layer's matmul, then the whole adapter, all passes together, in one launch.
+    assert forward == ["aten::addmm", "_adapter_fwd_kernel"]
+    assert launch_log == ["_adapter_bwd_dz_kernel", "_adapter_bwd_main_kernel", "_adapter_bwd_reduce_kernel"]
+
+
 def test_compiled_step_reads_each_steps_routing_from_the_device_tensor(triton_kernel):
     # What a captured CUDA graph needs (a graph cannot be captured on CPU): the routing is data in a tensor
     # that the next step refills, so one compiled graph serves every step's experts, with no recompilation.
