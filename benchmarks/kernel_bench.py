@@ -33,7 +33,6 @@ import statistics
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -158,6 +157,16 @@ def _adapter_inputs(tokens: int, hidden: int, rank: int, dtype: torch.dtype) -> 
     ]
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How each shape is timed: iterations, the L2 flush buffer, and the device-copy bandwidth (bytes/s) of this run."""
+
+    warmup: int
+    iters: int
+    flush: torch.Tensor
+    ceiling: float
+
+
 @contextlib.contextmanager
 def forced_kernel(kernel: str) -> Iterator[None]:
     """``ADAMIX_KERNEL=kernel`` inside the block, the previous value after it."""
@@ -185,7 +194,7 @@ def _measure(
     routes: Sequence[tuple[int, int]],
     dtype: torch.dtype,
     activation: str,
-    timing: dict[str, Any],
+    timing: Timing,
 ) -> dict[str, float]:
     """One result row: fused and eager forward+backward times of one shape, their forward gap and bandwidths."""
     inputs = _adapter_inputs(tokens, hidden, rank, dtype)
@@ -195,16 +204,16 @@ def _measure(
     for name, kernel in (("fused", "triton"), ("eager", "eager")):
         with forced_kernel(kernel):
             step = functools.partial(_forward_backward, inputs, grad_out, list(routes), activation)
-            row[f"{name}_ms"] = _median_ms(step, timing["warmup"], timing["iters"], timing["flush"])
+            row[f"{name}_ms"] = _median_ms(step, timing.warmup, timing.iters, timing.flush)
             with torch.no_grad():
                 outputs[name] = adapter_forward(*inputs, list(routes), activation).float()
     row["rel_err"] = ((outputs["fused"] - outputs["eager"]).norm() / outputs["eager"].norm()).item()
     floor_bytes = floors(tokens, hidden, rank, dtype.itemsize).total_bytes
     for name in ("fused", "eager"):
         row[f"{name}_gbs"] = floor_bytes / (row[f"{name}_ms"] * 1e-3) / 1e9
-        row[f"{name}_of_copy"] = row[f"{name}_gbs"] * 1e9 / timing["ceiling"]
+        row[f"{name}_of_copy"] = row[f"{name}_gbs"] * 1e9 / timing.ceiling
     row["speedup"] = row["eager_ms"] / row["fused_ms"]
-    row["copy_gbs"] = timing["ceiling"] / 1e9
+    row["copy_gbs"] = timing.ceiling / 1e9
     return row
 
 
@@ -221,7 +230,7 @@ def run_benchmark(
     torch_dtype = DTYPES[dtype]
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     largest = max(tokens) * max(hidden_sizes) * torch_dtype.itemsize
-    timing = {"warmup": warmup, "iters": iters, "flush": flush, "ceiling": copy_bandwidth(largest, warmup, iters, flush)}
+    timing = Timing(warmup, iters, flush, copy_bandwidth(largest, warmup, iters, flush))
     shapes = [(n, d, r, ROUTED) for n in tokens for d in hidden_sizes for r in ranks]
     shapes += [(n, STACKED_HIDDEN, STACKED_RANK, STACKED) for n in tokens]
     return [_measure(n, d, r, routes, torch_dtype, activation, timing) for n, d, r, routes in shapes]

@@ -541,6 +541,7 @@ def test_stack_step_times_every_method_through_both_kernels(launch_log):
     }
     assert all(row["ms"] > 0 and row["time_vs_lora"] > 0 for row in rows)
     assert {row["speedup_vs_eager"] for row in rows if row["kernel"] in ("eager", "peft")} == {1.0}
+    assert len(bench.results_table(rows).splitlines()) == 2 + len(rows)
     # The two fused runs, one step each through 2 layers: 4 forward launches, 3 backward launches each.
     assert launch_log.count("_adapter_fwd_kernel") == 4
     assert launch_log.count("_adapter_bwd_reduce_kernel") == 4
