@@ -103,7 +103,7 @@ def adapter_forward(
     erf), ``"gelu_tanh"`` or ``"relu"``.
 
     ``routes`` as Python ints is checked (``IndexError`` out of range) and becomes a device tensor made once per
-    distinct routing and kept for the process. As an integer ``[P, 2]`` tensor on ``hidden``'s device it reaches
+    distinct routing and cached (the last 4096). As an integer ``[P, 2]`` tensor on ``hidden``'s device it reaches
     the kernel as it is, unchecked (values must lie in ``[-M, M)``), which is what a captured CUDA graph or
     ``torch.compile`` needs: a replay reads the routing the tensor holds at that time.
     """
