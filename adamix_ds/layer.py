@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from adamix_ds.checkpointing import record_routes, replayed_routes
 from adamix_ds.config import AdaMixConfig
-from adamix_ds.kernels import adapter_forward, stacked_adapter_forward
+from adamix_ds.kernels import adapter_forward
 from adamix_ds.kernels.eager import chosen_experts
 from adamix_ds.routing import Projection, Stream, choose_expert
 
@@ -236,12 +236,10 @@ class AdaMixBottleneck(AdaMixLayer):
         return [self.up_weight, self.up_bias]
 
     def adapt(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, down: int, up: int) -> torch.Tensor:
-        down_weight, down_bias, up_weight, up_bias = weights
-        return adapter_forward(base_out, down_weight, down_bias, up_weight, up_bias, down, up, self.activation)
+        return adapter_forward(base_out, *weights, [(down, up)], self.activation)
 
     def adapt_stacked(self, x: torch.Tensor, base_out: torch.Tensor, weights: Weights, routes: list[tuple[int, int]]) -> torch.Tensor:
-        downs, ups = zip(*routes, strict=True)
-        return stacked_adapter_forward(base_out, *weights, downs, ups, self.activation)
+        return adapter_forward(base_out, *weights, routes, self.activation)
 
 
 class AdaMixLoRA(AdaMixLayer):

@@ -146,7 +146,7 @@ def kernel_formula_check(hidden: int, rank: int, tokens: int) -> dict[str, Any] 
     except ImportError:
         return None
 
-    def run(fn, input_grad: bool) -> int:
+    def run(fused: bool, input_grad: bool) -> int:
         meta = {"device": "meta"}
         args = (
             torch.empty(1, tokens, hidden, requires_grad=input_grad, **meta),
@@ -157,15 +157,18 @@ def kernel_formula_check(hidden: int, rank: int, tokens: int) -> dict[str, Any] 
         )
 
         def step() -> None:
-            out = fn(*args, 1, 0, "gelu")
-            (out[0] if isinstance(out, tuple) else out).sum().backward()
+            if fused:  # experts 1 (down) and 0 (up), as the op takes them: a [passes, 2] tensor
+                out = torch.ops.adamix.adapter_fwd(*args, torch.empty(1, 2, dtype=torch.int64, **meta), "gelu")[0]
+            else:
+                out = adapter_forward_eager(*args, 1, 0, "gelu")
+            out.sum().backward()
 
         return _flop_counter(step)
 
     result = {"hidden": hidden, "rank": rank, "tokens": tokens}
     for input_grad in (True, False):
-        result[f"eager_input_grad_{input_grad}"] = run(adapter_forward_eager, input_grad)
-        result[f"fused_input_grad_{input_grad}"] = run(torch.ops.adamix.adapter_fwd, input_grad)
+        result[f"eager_input_grad_{input_grad}"] = run(False, input_grad)
+        result[f"fused_input_grad_{input_grad}"] = run(True, input_grad)
     return result
 
 

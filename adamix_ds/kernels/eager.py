@@ -33,8 +33,8 @@ def stacked_adapter_forward_eager(
     down_bias: torch.Tensor,
     up_weight: torch.Tensor,
     up_bias: torch.Tensor,
-    down_indices: Sequence[int],
-    up_indices: Sequence[int],
+    down_indices: Sequence[int] | torch.Tensor,
+    up_indices: Sequence[int] | torch.Tensor,
     activation: str,
 ) -> torch.Tensor:
     """Eager routed adapter over stacked passes (chunk ``p`` of dim 0 through experts ``down_indices[p]``, ``up_indices[p]``).
@@ -50,6 +50,8 @@ def stacked_adapter_forward_eager(
     return (out + chosen_experts(up_bias, up_indices).unsqueeze(1)).view_as(hidden)
 
 
-def chosen_experts(stacked: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
-    """``stacked[indices]`` (``[len(indices), ...]``) from Python ints: no index tensor, so no host-to-device copy."""
+def chosen_experts(stacked: torch.Tensor, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """``stacked[indices]`` (``[len(indices), ...]``); from Python ints without an index tensor, so no host-to-device copy."""
+    if isinstance(indices, torch.Tensor):
+        return stacked[indices]
     return torch.stack([stacked[i] for i in indices])

@@ -30,11 +30,12 @@ def adapter_fwd(
     down_bias: torch.Tensor,
     up_weight: torch.Tensor,
     up_bias: torch.Tensor,
-    down_index: int,
-    up_index: int,
+    routes: torch.Tensor,
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused adapter forward; returns ``(y, pre)`` with ``pre`` the fp32 ``[..., r]`` pre-activation kept for backward."""
+    """Fused adapter forward over ``P = len(routes)`` equal chunks of dim 0 of ``hidden``, chunk ``p`` through
+    experts ``routes[p]`` (an integer ``[P, 2]`` tensor of (down, up) on ``hidden``'s device); returns
+    ``(y, pre)`` with ``pre`` the fp32 ``[..., r]`` pre-activation kept for backward."""
     hidden_size = hidden.shape[-1]
     rank = down_weight.shape[1]
     y, pre = adapter_forward_triton(
@@ -43,15 +44,14 @@ def adapter_fwd(
         down_bias.contiguous(),
         up_weight.contiguous(),
         up_bias.contiguous(),
-        down_index,
-        up_index,
+        routes.contiguous(),
         activation,
     )
     return y.view(hidden.shape), pre.view(*hidden.shape[:-1], rank)
 
 
 @adapter_fwd.register_fake
-def _adapter_fwd_fake(hidden, down_weight, down_bias, up_weight, up_bias, down_index, up_index, activation):
+def _adapter_fwd_fake(hidden, down_weight, down_bias, up_weight, up_bias, routes, activation):
     rank = down_weight.shape[1]
     pre = hidden.new_empty((*hidden.shape[:-1], rank), dtype=torch.float32)
     return hidden.new_empty(hidden.shape), pre
@@ -64,8 +64,7 @@ def adapter_bwd(
     pre: torch.Tensor,
     down_weight: torch.Tensor,
     up_weight: torch.Tensor,
-    down_index: int,
-    up_index: int,
+    routes: torch.Tensor,
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused adapter backward; returns ``(dh, dWd, dbd, dWu, dbu)``, the weight ones dense over all experts."""
@@ -77,15 +76,14 @@ def adapter_bwd(
         pre.reshape(-1, rank).contiguous(),
         down_weight.contiguous(),
         up_weight.contiguous(),
-        down_index,
-        up_index,
+        routes.contiguous(),
         activation,
     )
     return grad_hidden.view(hidden.shape), *grad_params
 
 
 @adapter_bwd.register_fake
-def _adapter_bwd_fake(grad_out, hidden, pre, down_weight, up_weight, down_index, up_index, activation):
+def _adapter_bwd_fake(grad_out, hidden, pre, down_weight, up_weight, routes, activation):
     return (
         hidden.new_empty(hidden.shape),
         down_weight.new_empty(down_weight.shape),
@@ -96,17 +94,21 @@ def _adapter_bwd_fake(grad_out, hidden, pre, down_weight, up_weight, down_index,
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, down_weight, _, up_weight, _, down_index, up_index, activation = inputs
+    hidden, down_weight, _, up_weight, _, routes, activation = inputs
     _, pre = output
     ctx.mark_non_differentiable(pre)
-    ctx.save_for_backward(hidden, pre, down_weight, up_weight)
-    ctx.down_index, ctx.up_index, ctx.activation = down_index, up_index, activation
+    # Otherwise autograd fills pre's (never used) gradient with zeros: one more launch per backward.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(hidden, pre, down_weight, up_weight, routes)
+    ctx.activation = activation
 
 
 def _backward(ctx, grad_out, _grad_pre):
-    hidden, pre, down_weight, up_weight = ctx.saved_tensors
-    grads = torch.ops.adamix.adapter_bwd(grad_out, hidden, pre, down_weight, up_weight, ctx.down_index, ctx.up_index, ctx.activation)
-    return *grads, None, None, None
+    if grad_out is None:  # y did not reach the loss
+        return (None,) * 7
+    hidden, pre, down_weight, up_weight, routes = ctx.saved_tensors
+    grads = torch.ops.adamix.adapter_bwd(grad_out, hidden, pre, down_weight, up_weight, routes, ctx.activation)
+    return *grads, None, None
 
 
 adapter_fwd.register_autograd(_backward, setup_context=_setup_context)

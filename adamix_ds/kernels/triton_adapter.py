@@ -1,10 +1,13 @@
 """Fused Triton kernels for the routed bottleneck adapter.
 
-Forward, one program per block of tokens:
+``h`` is ``[N, d]`` and holds ``P`` equal chunks of rows (stacked passes; ``P = 1`` for one routed pass);
+chunk ``p`` goes through down expert ``i = routes[p, 0]`` and up expert ``j = routes[p, 1]``. Forward, one
+launch, one program per (block of tokens, pass):
 ``pre = h @ Wd[i]^T + bd[i]`` (kept in fp32), ``y = h + act(pre) @ Wu[j]^T + bu[j]``.
 
-The expert is selected inside the kernels by offsetting the stacked weight pointers by the expert
-index, so no expert is ever copied, and the merged single adapter is the same call with one expert.
+The experts are read inside the kernels from ``routes``, an integer tensor on the device, and selected by
+offsetting the stacked weight pointers, so no expert is ever copied, the merged single adapter is the same
+call with one expert, and a captured CUDA graph replays with whatever routing is in ``routes`` at replay.
 
 Backward saves, rather than recomputes, the fp32 bottleneck pre-activation ``pre`` (``[N, r]``).
 Saving costs ``4·N·r`` bytes written in the forward and read in the backward; recomputing it would
@@ -12,17 +15,21 @@ re-read ``h`` (``N·d`` elements) in the backward's first kernel, which otherwis
 For 16-bit activations with ``r <= 64`` and ``d >= 768`` that re-read is at least 3x the saved
 traffic (24x at ``r = 8``); the saved tensor holds no more memory than the two ``[N, r]`` tensors
 eager autograd keeps for the same layer; and the backward differentiates exactly the forward's
-pre-activation. The backward runs two kernels:
+pre-activation. The backward is three launches, whatever ``P`` and the number of experts:
 
-1. per block of tokens: ``dz = (dy @ Wu[j]) * act'(pre)`` (``[N, r]``, fp32). Every element of
+1. per (block of tokens, pass): ``dz = (dy @ Wu[j]) * act'(pre)`` (``[N, r]``, fp32). Every element of
    ``dh`` needs a complete row of ``dz``, which needs a complete row of ``dy``, so this is its own pass.
-2. per (hidden-column block, token split): ``dh = dy + dz @ Wd[i]`` and this split's partial sums of
-   ``dWd[i] = dz^T h``, ``dWu[j] = dy^T act(pre)``, ``dbu[j]`` and ``dbd[i]``. The splits' partials
-   are summed afterwards in a fixed order, so the gradients are deterministic (no atomics).
+2. per (hidden-column block, token split, pass): ``dh = dy + dz @ Wd[i]`` and this split's partial sums of
+   ``dWd[i] = dz^T h``, ``dWu[j] = dy^T act(pre)``, ``dbu[j]`` and ``dbd[i]``.
+3. per (hidden-column block, expert): every expert's slice of the four gradient tensors, the sum of the
+   partials of the passes routed to it (in a fixed order, so the gradients are deterministic: no
+   atomics), zero for an expert no pass chose. The gradient tensors are written whole here, so they
+   need no zero fill.
 
 All products accumulate in fp32; fp32 operands use IEEE dots, so the result does not silently drop
 to TF32 on GPUs that have it. Every load and store is masked, so any token count and hidden size
 works; the rank is padded to a power of two of at least 16 (``tl.dot``'s minimum) and masked.
+Negative expert indices count from the end, as tensor indexing does; indices must lie in ``[-M, M)``.
 
 The kernels call Triton builtins and this module's own ``triton.jit`` helpers, not the ``triton.jit``
 functions of Triton's standard library (``tl.zeros``, ``tl.sum``, ``tl.cdiv``, ...): the interpreter
@@ -87,6 +94,12 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _expert(routes_ptr, pass_id, projection, n_experts):
+    # routes is [P, 2] (down, up); (index + M) % M maps [-M, M) onto [0, M) as tensor indexing does.
+    return (tl.load(routes_ptr + pass_id * 2 + projection).to(tl.int64) + n_experts) % n_experts
+
+
+@triton.jit
 def _adapter_fwd_kernel(
     h_ptr,
     wd_ptr,
@@ -95,11 +108,12 @@ def _adapter_fwd_kernel(
     bu_ptr,
     y_ptr,
     pre_ptr,
-    down_index,
-    up_index,
-    n_tokens,
+    routes_ptr,
+    rows_per_pass,
     hidden_size,
     rank,
+    n_down,
+    n_up,
     ACTIVATION: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -107,16 +121,20 @@ def _adapter_fwd_kernel(
     BLOCK_R: tl.constexpr,
 ):
     # Expert selection is a pointer offset into the stacked [M, r, d] / [M, d, r] weights.
+    pass_id = tl.program_id(1)
+    down_index = _expert(routes_ptr, pass_id, 0, n_down)
+    up_index = _expert(routes_ptr, pass_id, 1, n_up)
     expert_size = rank * hidden_size
     wd_ptr += down_index * expert_size
     bd_ptr += down_index * rank
     wu_ptr += up_index * expert_size
     bu_ptr += up_index * hidden_size
 
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_tokens
-    # int64 row offsets: N * d may exceed 2**31 for long sequences.
-    row_offsets = rows.to(tl.int64)[:, None] * hidden_size
+    local_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = local_rows < rows_per_pass
+    # int64 rows: N * d may exceed 2**31 for long sequences.
+    rows = pass_id.to(tl.int64) * rows_per_pass + local_rows
+    row_offsets = rows[:, None] * hidden_size
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < rank
 
@@ -128,7 +146,7 @@ def _adapter_fwd_kernel(
         wd_t = tl.load(wd_ptr + ranks[None, :] * hidden_size + cols[:, None], mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
         pre = tl.dot(h, wd_t, pre, input_precision=DOT_PRECISION)
     pre += tl.load(bd_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(pre_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :], pre, mask=row_mask[:, None] & rank_mask[None, :])
+    tl.store(pre_ptr + rows[:, None] * rank + ranks[None, :], pre, mask=row_mask[:, None] & rank_mask[None, :])
     # Padded rank columns hold act(0) = 0 and meet zero-masked weights, so they add nothing.
     act = _activation(pre, ACTIVATION).to(h_ptr.dtype.element_ty)
 
@@ -150,21 +168,24 @@ def _adapter_bwd_dz_kernel(
     pre_ptr,
     wu_ptr,
     dz_ptr,
-    up_index,
-    n_tokens,
+    routes_ptr,
+    rows_per_pass,
     hidden_size,
     rank,
+    n_up,
     ACTIVATION: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    wu_ptr += up_index * rank * hidden_size
+    pass_id = tl.program_id(1)
+    wu_ptr += _expert(routes_ptr, pass_id, 1, n_up) * rank * hidden_size
 
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_tokens
-    row_offsets = rows.to(tl.int64)[:, None] * hidden_size
+    local_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = local_rows < rows_per_pass
+    rows = pass_id.to(tl.int64) * rows_per_pass + local_rows
+    row_offsets = rows[:, None] * hidden_size
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < rank
 
@@ -176,7 +197,7 @@ def _adapter_bwd_dz_kernel(
         wu = tl.load(wu_ptr + cols[:, None] * rank + ranks[None, :], mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
         grad_act = tl.dot(dy, wu, grad_act, input_precision=DOT_PRECISION)
 
-    small_offsets = rows.to(tl.int64)[:, None] * rank + ranks[None, :]
+    small_offsets = rows[:, None] * rank + ranks[None, :]
     small_mask = row_mask[:, None] & rank_mask[None, :]
     pre = tl.load(pre_ptr + small_offsets, mask=small_mask, other=0.0)
     tl.store(dz_ptr + small_offsets, grad_act * _activation_grad(pre, ACTIVATION), mask=small_mask)
@@ -194,10 +215,11 @@ def _adapter_bwd_main_kernel(
     dbd_part_ptr,
     dwu_part_ptr,
     dbu_part_ptr,
-    down_index,
-    n_tokens,
+    routes_ptr,
+    rows_per_pass,
     hidden_size,
     rank,
+    n_down,
     n_splits,
     ACTIVATION: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -205,11 +227,13 @@ def _adapter_bwd_main_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    wd_ptr += down_index * rank * hidden_size
     # Axis 0 (column block) varies fastest in launch order, so the programs running together share a
     # token split and the r-wide dz / pre tiles they all re-read are served from L2.
     col_block = tl.program_id(0)
     split = tl.program_id(1)
+    pass_id = tl.program_id(2)
+    wd_ptr += _expert(routes_ptr, pass_id, 0, n_down) * rank * hidden_size
+    first_row = pass_id.to(tl.int64) * rows_per_pass
 
     cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < hidden_size
@@ -222,12 +246,13 @@ def _adapter_bwd_main_kernel(
     dwu = tl.full([BLOCK_D, BLOCK_R], 0.0, tl.float32)
     dbu = tl.full([BLOCK_D], 0.0, tl.float32)
     dbd = tl.full([BLOCK_R], 0.0, tl.float32)
-    for block in range(split, (n_tokens + BLOCK_N - 1) // BLOCK_N, n_splits):
-        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < n_tokens
-        tile_offsets = rows.to(tl.int64)[:, None] * hidden_size + cols[None, :]
+    for block in range(split, (rows_per_pass + BLOCK_N - 1) // BLOCK_N, n_splits):
+        local_rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = local_rows < rows_per_pass
+        rows = first_row + local_rows
+        tile_offsets = rows[:, None] * hidden_size + cols[None, :]
         tile_mask = row_mask[:, None] & col_mask[None, :]
-        small_offsets = rows.to(tl.int64)[:, None] * rank + ranks[None, :]
+        small_offsets = rows[:, None] * rank + ranks[None, :]
         small_mask = row_mask[:, None] & rank_mask[None, :]
 
         dy = tl.load(dy_ptr + tile_offsets, mask=tile_mask, other=0.0)
@@ -244,7 +269,9 @@ def _adapter_bwd_main_kernel(
         dbu += tl.reduce(dy.to(tl.float32), 0, _sum_combine)
         dbd += tl.reduce(dz, 0, _sum_combine)
 
-    part_offsets = split.to(tl.int64) * rank * hidden_size
+    # Partials are indexed [pass, split]; the buffers are small (P · splits · r · d), so int32 offsets.
+    part = pass_id * n_splits + split
+    part_offsets = part * rank * hidden_size
     tl.store(
         dwd_part_ptr + part_offsets + ranks[:, None] * hidden_size + cols[None, :],
         dwd,
@@ -255,10 +282,69 @@ def _adapter_bwd_main_kernel(
         dwu,
         mask=col_mask[:, None] & rank_mask[None, :],
     )
-    tl.store(dbu_part_ptr + split * hidden_size + cols, dbu, mask=col_mask)
+    tl.store(dbu_part_ptr + part * hidden_size + cols, dbu, mask=col_mask)
     # Every column block computed the same dbd; the first one writes it.
     if col_block == 0:
-        tl.store(dbd_part_ptr + split * rank + ranks, dbd, mask=rank_mask)
+        tl.store(dbd_part_ptr + part * rank + ranks, dbd, mask=rank_mask)
+
+
+@triton.jit
+def _adapter_bwd_reduce_kernel(
+    routes_ptr,
+    dwd_part_ptr,
+    dbd_part_ptr,
+    dwu_part_ptr,
+    dbu_part_ptr,
+    dwd_ptr,
+    dbd_ptr,
+    dwu_ptr,
+    dbu_ptr,
+    n_passes,
+    n_splits,
+    hidden_size,
+    rank,
+    n_down,
+    n_up,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # One program per (column block, expert) writes that expert's slice of all four gradients: the partials
+    # of the passes routed to it, summed pass by pass and split by split, or zeros.
+    col_block = tl.program_id(0)
+    expert = tl.program_id(1)
+    cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < hidden_size
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < rank
+    expert_size = rank * hidden_size
+    down_offsets = ranks[:, None] * hidden_size + cols[None, :]
+    down_mask = rank_mask[:, None] & col_mask[None, :]
+    up_offsets = cols[:, None] * rank + ranks[None, :]
+    up_mask = col_mask[:, None] & rank_mask[None, :]
+
+    if expert < n_down:
+        dwd = tl.full([BLOCK_R, BLOCK_D], 0.0, tl.float32)
+        dbd = tl.full([BLOCK_R], 0.0, tl.float32)
+        for pass_id in range(0, n_passes):
+            if _expert(routes_ptr, pass_id, 0, n_down) == expert:
+                for split in range(0, n_splits):
+                    part = pass_id * n_splits + split
+                    dwd += tl.load(dwd_part_ptr + part * expert_size + down_offsets, mask=down_mask, other=0.0)
+                    dbd += tl.load(dbd_part_ptr + part * rank + ranks, mask=rank_mask, other=0.0)
+        tl.store(dwd_ptr + expert * expert_size + down_offsets, dwd.to(dwd_ptr.dtype.element_ty), mask=down_mask)
+        if col_block == 0:
+            tl.store(dbd_ptr + expert * rank + ranks, dbd.to(dbd_ptr.dtype.element_ty), mask=rank_mask)
+    if expert < n_up:
+        dwu = tl.full([BLOCK_D, BLOCK_R], 0.0, tl.float32)
+        dbu = tl.full([BLOCK_D], 0.0, tl.float32)
+        for pass_id in range(0, n_passes):
+            if _expert(routes_ptr, pass_id, 1, n_up) == expert:
+                for split in range(0, n_splits):
+                    part = pass_id * n_splits + split
+                    dwu += tl.load(dwu_part_ptr + part * expert_size + up_offsets, mask=up_mask, other=0.0)
+                    dbu += tl.load(dbu_part_ptr + part * hidden_size + cols, mask=col_mask, other=0.0)
+        tl.store(dwu_ptr + expert * expert_size + up_offsets, dwu.to(dwu_ptr.dtype.element_ty), mask=up_mask)
+        tl.store(dbu_ptr + expert * hidden_size + cols, dbu.to(dbu_ptr.dtype.element_ty), mask=col_mask)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -275,17 +361,17 @@ def _launch_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _default_splits(n_token_blocks: int, n_col_blocks: int, device: torch.device) -> int:
-    """Token splits for the backward's reduction: enough programs to fill the device a few times over.
+def _default_splits(n_token_blocks: int, n_other_programs: int, device: torch.device) -> int:
+    """Token splits for the backward's partial sums: enough programs to fill the device a few times over.
 
-    More splits mean more parallelism but a bigger ``[splits, r, d]`` partial-sum buffer to write and
+    More splits mean more parallelism but a bigger ``[P, splits, r, d]`` partial-sum buffer to write and
     reduce, so the target is a small multiple of the SM count.
     """
     if device.type == "cuda":
         target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target_programs = 4
-    return max(1, min(n_token_blocks, math.ceil(target_programs / n_col_blocks)))
+    return max(1, min(n_token_blocks, math.ceil(target_programs / n_other_programs)))
 
 
 def adapter_forward_triton(
@@ -294,20 +380,24 @@ def adapter_forward_triton(
     down_bias: torch.Tensor,
     up_weight: torch.Tensor,
     up_bias: torch.Tensor,
-    down_index: int,
-    up_index: int,
+    routes: torch.Tensor,
     activation: str,
     block_n: int = 64,
     block_d: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward on a ``[N, d]`` contiguous ``hidden``; returns ``(y [N, d], pre [N, r] fp32)``."""
+    """Fused forward, one launch, on a ``[N, d]`` contiguous ``hidden`` of ``P`` equal chunks and the contiguous
+    ``[P, 2]`` integer ``routes`` on its device; returns ``(y [N, d], pre [N, r] fp32)``."""
     n_tokens, hidden_size = hidden.shape
+    n_passes = routes.shape[0]
+    if n_passes == 0 or n_tokens % n_passes:
+        raise ValueError(f"{n_passes} routes for {n_tokens} rows: allowed one (down, up) pair per equal chunk")
     rank = down_weight.shape[1]
     y = torch.empty_like(hidden)
     pre = torch.empty(n_tokens, rank, dtype=torch.float32, device=hidden.device)
-    if n_tokens == 0:
+    rows_per_pass = n_tokens // n_passes
+    if rows_per_pass == 0:
         return y, pre
-    grid = (triton.cdiv(n_tokens, block_n),)
+    grid = (triton.cdiv(rows_per_pass, block_n), n_passes)
     with _launch_device(hidden.device):
         _adapter_fwd_kernel[grid](
             hidden,
@@ -317,11 +407,12 @@ def adapter_forward_triton(
             up_bias,
             y,
             pre,
-            down_index,
-            up_index,
-            n_tokens,
+            routes,
+            rows_per_pass,
             hidden_size,
             rank,
+            down_weight.shape[0],
+            up_weight.shape[0],
             ACTIVATION=ACTIVATION_IDS[activation],
             DOT_PRECISION=_dot_precision(hidden.dtype),
             BLOCK_N=block_n,
@@ -337,67 +428,93 @@ def adapter_backward_triton(
     pre: torch.Tensor,
     down_weight: torch.Tensor,
     up_weight: torch.Tensor,
-    down_index: int,
-    up_index: int,
+    routes: torch.Tensor,
     activation: str,
     block_n: int = 64,
     block_d: int = 64,
     n_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward on ``[N, d]`` contiguous ``grad_out`` / ``hidden`` and the saved ``pre``.
+    """Fused backward, three launches, on ``[N, d]`` contiguous ``grad_out`` / ``hidden``, the saved ``pre`` and
+    the forward's ``routes``.
 
-    Returns ``(dh, dWd, dbd, dWu, dbu)``; the weight and bias gradients have the stacked shapes and
-    are zero outside the chosen experts.
+    Returns ``(dh, dWd, dbd, dWu, dbu)``; the weight and bias gradients have the stacked shapes, each chosen
+    expert's slice the sum over the passes routed to it, and are zero outside the chosen experts.
     """
     n_tokens, hidden_size = hidden.shape
+    n_passes = routes.shape[0]
     rank = down_weight.shape[1]
+    n_down, n_up = down_weight.shape[0], up_weight.shape[0]
     device = hidden.device
-    grad_down_weight = torch.zeros_like(down_weight)
-    grad_down_bias = down_weight.new_zeros(down_weight.shape[:2])
-    grad_up_weight = torch.zeros_like(up_weight)
-    grad_up_bias = up_weight.new_zeros(up_weight.shape[:2])
+    rows_per_pass = n_tokens // n_passes
+    # Every element of these is written by the reduction kernel, so they are allocated, not zero-filled.
     grad_hidden = torch.empty_like(hidden)
-    if n_tokens == 0:
-        return grad_hidden, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias
+    grad_down_weight = torch.empty_like(down_weight)
+    grad_down_bias = down_weight.new_empty(down_weight.shape[:2])
+    grad_up_weight = torch.empty_like(up_weight)
+    grad_up_bias = up_weight.new_empty(up_weight.shape[:2])
 
+    n_token_blocks = triton.cdiv(rows_per_pass, block_n)
+    n_col_blocks = triton.cdiv(hidden_size, block_d)
+    block_r = _block_rank(rank)
+    if n_token_blocks == 0:
+        n_splits = 0  # no partials: the reduction writes zero gradients
+    elif n_splits is None:
+        n_splits = _default_splits(n_token_blocks, n_col_blocks * n_passes, device)
     constants = dict(
         ACTIVATION=ACTIVATION_IDS[activation],
         DOT_PRECISION=_dot_precision(hidden.dtype),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        BLOCK_R=_block_rank(rank),
+        BLOCK_R=block_r,
     )
-    n_token_blocks = triton.cdiv(n_tokens, block_n)
-    n_col_blocks = triton.cdiv(hidden_size, block_d)
-    if n_splits is None:
-        n_splits = _default_splits(n_token_blocks, n_col_blocks, device)
     dz = torch.empty(n_tokens, rank, dtype=torch.float32, device=device)
-    dwd_part = torch.empty(n_splits, rank, hidden_size, dtype=torch.float32, device=device)
-    dbd_part = torch.empty(n_splits, rank, dtype=torch.float32, device=device)
-    dwu_part = torch.empty(n_splits, hidden_size, rank, dtype=torch.float32, device=device)
-    dbu_part = torch.empty(n_splits, hidden_size, dtype=torch.float32, device=device)
+    # At least one split's room even with none, so the reduction never gets a null pointer (it reads none).
+    slots = max(n_splits, 1)
+    dwd_part = torch.empty(n_passes, slots, rank, hidden_size, dtype=torch.float32, device=device)
+    dbd_part = torch.empty(n_passes, slots, rank, dtype=torch.float32, device=device)
+    dwu_part = torch.empty(n_passes, slots, hidden_size, rank, dtype=torch.float32, device=device)
+    dbu_part = torch.empty(n_passes, slots, hidden_size, dtype=torch.float32, device=device)
     with _launch_device(device):
-        _adapter_bwd_dz_kernel[(n_token_blocks,)](grad_out, pre, up_weight, dz, up_index, n_tokens, hidden_size, rank, **constants)
-        _adapter_bwd_main_kernel[(n_col_blocks, n_splits)](
-            grad_out,
-            hidden,
-            pre,
-            dz,
-            down_weight,
-            grad_hidden,
+        if n_token_blocks:
+            _adapter_bwd_dz_kernel[(n_token_blocks, n_passes)](
+                grad_out, pre, up_weight, dz, routes, rows_per_pass, hidden_size, rank, n_up, **constants
+            )
+            _adapter_bwd_main_kernel[(n_col_blocks, n_splits, n_passes)](
+                grad_out,
+                hidden,
+                pre,
+                dz,
+                down_weight,
+                grad_hidden,
+                dwd_part,
+                dbd_part,
+                dwu_part,
+                dbu_part,
+                routes,
+                rows_per_pass,
+                hidden_size,
+                rank,
+                n_down,
+                n_splits,
+                **constants,
+            )
+        _adapter_bwd_reduce_kernel[(n_col_blocks, max(n_down, n_up))](
+            routes,
             dwd_part,
             dbd_part,
             dwu_part,
             dbu_part,
-            down_index,
-            n_tokens,
+            grad_down_weight,
+            grad_down_bias,
+            grad_up_weight,
+            grad_up_bias,
+            n_passes,
+            n_splits,
             hidden_size,
             rank,
-            n_splits,
-            **constants,
+            n_down,
+            n_up,
+            BLOCK_D=block_d,
+            BLOCK_R=block_r,
         )
-    grad_down_weight[down_index] = dwd_part.sum(0)
-    grad_down_bias[down_index] = dbd_part.sum(0)
-    grad_up_weight[up_index] = dwu_part.sum(0)
-    grad_up_bias[up_index] = dbu_part.sum(0)
     return grad_hidden, grad_down_weight, grad_down_bias, grad_up_weight, grad_up_bias
