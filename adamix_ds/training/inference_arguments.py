@@ -72,6 +72,7 @@ class PredictArguments:
         },
     )
     per_device_batch_size: int = field(default=32, metadata={"help": "Inputs per forward (or beam search) on each rank."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; the environment's LOCAL_RANK is used."})
 
 
 @dataclass
