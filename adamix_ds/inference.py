@@ -154,7 +154,7 @@ def load_for_inference(
     spec = get_task_spec(task)
     model_path = resolve_model_path(base)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model_path)
-    options = record_arguments(read_task_record(path))
+    options = record_arguments(record or None)
     if isinstance(spec, GenerationTaskSpec):  # the saved decoding, then the caller's changes to it
         options["decoding"] = Decoding(**{**record.get("decoding", {}), **(decoding or {})})
     length = max_seq_length or record.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH

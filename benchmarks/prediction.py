@@ -1,6 +1,6 @@
 """Predictions of a saved adapter: exactly the training run's evaluation, and what a merged AdaMix costs at inference.
 
-    python benchmarks/prediction.py          # two short real MiniLM SST-2 runs (AdaMix and one adapter), about 2 minutes
+    python benchmarks/prediction.py          # two short real MiniLM SST-2 runs (AdaMix and one adapter), a few minutes
     python benchmarks/prediction.py --fast   # fewer steps and sentences (the smoke test)
 
 1. Trains AdaMix (``launchers/train.py``, real MiniLM, the first ``train_samples`` SST-2 sentences, ``steps`` steps)
@@ -44,8 +44,8 @@ def _train(method: str, output_dir: Path, train_samples: int, steps: int, eval_s
 def prediction(
     out_dir: str = str(RESULTS_DIR),
     work_dir: str = "outputs/bench_prediction",
-    train_samples: int = 400,
-    steps: int = 25,
+    train_samples: int = 2000,
+    steps: int = 100,
     rounds: int = 5,
     batch_size: int = 32,
     fast: bool = False,
