@@ -48,6 +48,8 @@ class AdaMixConfig:
             (``REFERENCE_EXPERT_INIT``): independent N(0, 0.02) bottleneck experts, one kaiming-uniform LoRA
             ``A`` copied to every expert (``B`` is zero either way); resolved on construction.
         seed: routing seed; the expert of every (step, layer, projection) is a pure function of it.
+        base_model_name_or_path: the backbone the adapter was trained on (a Hub id or a folder), as PEFT records
+            it; what ``adamix_ds.inference.load_for_inference`` loads. ``None`` in folders of older versions.
     """
 
     adapter_type: str = "bottleneck"
@@ -65,6 +67,7 @@ class AdaMixConfig:
     eval_expert: int = 0
     expert_init: str | None = None
     seed: int = 0
+    base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("adapter_type", self.adapter_type, ADAPTER_TYPES)
@@ -90,6 +93,10 @@ class AdaMixConfig:
             raise ValueError(f"lora_alpha={self.lora_alpha} is invalid: allowed a positive number")
         if float(self.consistency_weight) < 0:
             raise ValueError(f"consistency_weight={self.consistency_weight} is invalid: allowed a number >= 0")
+        if self.base_model_name_or_path is not None and not (
+            isinstance(self.base_model_name_or_path, str) and self.base_model_name_or_path
+        ):
+            raise ValueError(f"base_model_name_or_path={self.base_model_name_or_path!r} is invalid: allowed None or a non-empty string")
         for name in ("target_modules", "modules_to_save"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value)):

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     import datasets
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from adamix_ds.families import TaskFamily
     from adamix_ds.training.runtime import DistEnv
 
-__all__ = ["eval_shard", "evaluate_logits", "evaluate_loss", "gather_shards"]
+__all__ = ["eval_shard", "evaluate_logits", "evaluate_loss", "gather_shards", "sharded_logits"]
 
 
 def eval_shard(count: int, env: DistEnv) -> tuple[list[int], list[int]]:
@@ -40,13 +41,16 @@ def gather_shards(local: object, env: DistEnv) -> list:
 
 
 @torch.no_grad()
-def evaluate_logits(
-    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, family: TaskFamily, batch_size: int, env: DistEnv
-) -> dict[str, float]:
-    """The task metrics of ``engine`` (a DeepSpeed engine, or a plain model on every rank) on ``dataset``
-    (keys without prefix, plus ``loss``), the same on every rank: ``family`` batches the examples, gives
-    their logits and scores them. Each rank computes the logits of its ``eval_shard``; every example counts
-    exactly once."""
+def sharded_logits(
+    engine: DeepSpeedEngine | nn.Module,
+    dataset: datasets.Dataset,
+    family: TaskFamily,
+    batch_size: int,
+    env: DistEnv,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``family.logits`` of every example of ``dataset`` (labelled or not) in example order, on every rank: each
+    rank computes its ``eval_shard`` in eval mode, and the shards are gathered; ``progress`` shows a bar on rank 0."""
     # A DeepSpeed engine's own ``training`` flag does not follow train()/eval(); its module's does.
     was_training = getattr(engine, "module", engine).training
     engine.eval()
@@ -54,16 +58,26 @@ def evaluate_logits(
     own, padded = eval_shard(count, env)
     loader = DataLoader(Subset(dataset, padded), batch_size=batch_size, collate_fn=family.collator())
     logits = []
-    for batch in loader:
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not (progress and env.is_main), dynamic_ncols=True):
         inputs = {key: value.to(engine.device) for key, value in batch.items() if key != "labels"}
         logits.append(family.logits(engine, inputs).float().cpu())
     local = torch.cat(logits)[: len(own)]
-    predictions = torch.empty(count, *local.shape[1:])
+    ordered = torch.empty(count, *local.shape[1:])
     for rank, shard in enumerate(gather_shards(local, env)):
-        predictions[rank :: env.world_size] = shard
-    labels = torch.as_tensor(dataset["labels"])
+        ordered[rank :: env.world_size] = shard
     engine.train(was_training)
-    return family.scores(predictions, labels)
+    return ordered
+
+
+def evaluate_logits(
+    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, family: TaskFamily, batch_size: int, env: DistEnv
+) -> dict[str, float]:
+    """The task metrics of ``engine`` (a DeepSpeed engine, or a plain model on every rank) on ``dataset``
+    (keys without prefix, plus ``loss``), the same on every rank: ``family`` batches the examples, gives
+    their logits and scores them. Each rank computes the logits of its ``eval_shard``; every example counts
+    exactly once."""
+    logits = sharded_logits(engine, dataset, family, batch_size, env)
+    return family.scores(logits, torch.as_tensor(dataset["labels"]))
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Adapter files: save, strict load, and export of the merged LoRA variant as a PEFT adapter."""
+"""Adapter files: save, strict load, and exports of the merged LoRA variant (a PEFT adapter, a plain transformers model)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adamix_ds.config import AdaMixConfig, read_json_object
+from adamix_ds.hub import CARD_NAME, adapter_card
 from adamix_ds.layer import AdaMixLoRA, base_features
 from adamix_ds.manifest import has_manifest, verify_manifest, write_manifest
-from adamix_ds.model import adamix_layers, add_adamix, get_config, head_parameters
+from adamix_ds.model import adamix_layers, add_adamix, get_config, head_parameters, merge_adamix
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 # How the adapter's task reads its inputs (a prompt family's template and label words), so that evaluating
@@ -104,10 +105,17 @@ def adapter_state_dict(model: nn.Module, merged: bool = False) -> dict[str, torc
     return tensors
 
 
-def save_adapter(model: nn.Module, path: str | Path, merged: bool = False) -> None:
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    merged: bool = False,
+    metrics: Mapping[str, Any] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+) -> None:
     """Write ``adamix_config.json``, ``adapter_model.safetensors`` (experts and task head), ``task.json``
-    when the model carries a task record (``model.adamix_task``: a prompt's template and label words) and
-    their ``manifest.json`` (sizes and sha256) to ``path``.
+    when the model carries a task record (``model.adamix_task``: its task, a prompt's template and label words),
+    their ``manifest.json`` (sizes and sha256), and the model card ``README.md`` (``adamix_ds.hub.adapter_card``,
+    with the run's ``metrics`` and training ``hyperparameters`` when given) to ``path``.
 
     ``merged=True`` writes the merged adapter (expert averages, ``num_experts=1``) without changing the
     model; a model already merged by ``merge_adamix`` is saved as it is. Only rank 0 writes; the
@@ -128,6 +136,8 @@ def save_adapter(model: nn.Module, path: str | Path, merged: bool = False) -> No
             (scratch / TASK_NAME).write_text(json.dumps(task, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(scratch / WEIGHTS_NAME), metadata={"format": "pt"})
         write_manifest(scratch)
+        # After the manifest: the card is for people to edit (a licence), which must not fail the folder's check.
+        adapter_card(config, task, str(path), metrics, hyperparameters).save(scratch / CARD_NAME)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -197,6 +207,28 @@ def read_task_record(path: str | Path) -> dict[str, Any] | None:
     return read_json_object(file, "task record")
 
 
+def export_transformers(model: nn.Module, path: str | Path, tokenizer: Any = None) -> None:
+    """Fold the merged AdaMix-LoRA of ``model`` into its frozen weights (in place: the adapter modules are
+    removed) and write it with ``save_pretrained``, with ``tokenizer`` when given: a plain checkpoint that
+    ``AutoModelFor*.from_pretrained`` loads without adamix-ds, with the merged model's outputs. Only rank 0
+    writes; the directory appears whole or not at all. A bottleneck adapter cannot be folded (its activation
+    sits between its two projections): ``ValueError`` naming the format that holds it."""
+    config = get_config(model)
+    if config.adapter_type != "lora":
+        raise ValueError(
+            f"format 'transformers' needs adapter_type='lora', got adapter_type={config.adapter_type!r}: a bottleneck adapter cannot "
+            "be folded into the backbone (an activation sits between its projections); allowed for it: format 'adamix'"
+        )
+    if not getattr(model, "adamix_folded", False):
+        merge_adamix(model, fold=True)
+    if not _is_main_process():
+        return
+    with atomic_directory(path) as scratch:
+        model.save_pretrained(scratch)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(scratch)
+
+
 def _is_module(model: nn.Module, name: str) -> bool:
     try:
         model.get_submodule(name)
@@ -250,7 +282,7 @@ def export_peft(model: nn.Module, path: str | Path) -> None:
         target_modules=[name for name, _ in adamix_layers(model)],
         fan_in_fan_out=fan_in_fan_out.pop(),
         modules_to_save=list(getattr(model, "adamix_head_modules", [])) or None,
-        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        base_model_name_or_path=config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         bias="none",
     )
     if not _is_main_process():

@@ -3,7 +3,7 @@
     python benchmarks/run_all.py          # what `make bench` runs (about 10 minutes on 2 idle CPU cores)
     python benchmarks/run_all.py --fast --out-dir /tmp/bench --plot-dir /tmp/bench --results-md /tmp/bench/RESULTS.md
 
-Runs ``flops.py``, ``throughput.py``, ``zero_memory.py`` and ``decode_speed.py`` one after another, each in its own process
+Runs ``flops.py``, ``throughput.py``, ``zero_memory.py``, ``decode_speed.py`` and ``prediction.py`` one after another, each in its own process
 (so one's memory and threads cannot disturb another's timings), then writes RESULTS.md: a header with
 the machine, versions and date, each script's section, and the ``## Fused adapter kernel`` section
 (written by ``kernel_bench.py`` on a GPU) and ``## Measured training runs`` carried over unchanged. Exits 1 if any script failed.
@@ -20,7 +20,7 @@ from typing import Any
 
 from common import BENCH_DIR, RESULTS_DIR, cli, environment, markdown_table
 
-SCRIPTS = ("flops", "throughput", "zero_memory", "decode_speed")
+SCRIPTS = ("flops", "throughput", "zero_memory", "decode_speed", "prediction")
 # Scripts that draw a plot take --plot-dir.
 PLOTTING = ("flops", "throughput")
 # Sections that no script here writes, carried over unchanged: the GPU kernel benchmark (kernel_bench.py on a GPU)

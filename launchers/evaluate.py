@@ -22,24 +22,21 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in train.py: set before torch is imported
 
-import torch
-from transformers import AutoTokenizer
+import dataclasses
 
-from adamix_ds import load_adapter
-from adamix_ds.data import get_task_spec
-from adamix_ds.families import build_family, record_arguments
-from adamix_ds.io import read_task_record
+import torch
+
+from adamix_ds.inference import load_for_inference
 from adamix_ds.training import (
     configure_threads,
     dist_env,
     init_distributed,
     resolve_data_dir,
-    resolve_model_path,
     setup_logging,
     shutdown_distributed,
     usage_errors,
 )
-from adamix_ds.training.arguments import family_options, parse_eval_args
+from adamix_ds.training.arguments import parse_eval_args
 from adamix_ds.training.eval_modes import evaluate_modes, parse_eval_modes
 from adamix_ds.training.merges import MERGE_MODES, compute_merge, hold_out
 from adamix_ds.training.runtime import logger
@@ -51,27 +48,30 @@ def main(argv: list[str] | None = None) -> None:
     configure_threads(env)
     with usage_errors(env, prog="evaluate.py"):
         run = parse_eval_args(argv)
-        model_path = resolve_model_path(run.model.model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(run.model.tokenizer_name or model_path)
-        # The adapter's task record (a prompt's template and label words) reads inputs as its training did.
-        record = read_task_record(run.model.adapter_name_or_path)
-        options = family_options(run.data, run.generation)
-        if record is not None:
-            options.update(record_arguments(record))
-        family = build_family(get_task_spec(run.data.task_name), tokenizer, run.data.max_seq_length, model_path, **options)
+        device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        # The experts as saved (every routing is evaluated); the backbone, task and template from the adapter's
+        # records unless a flag or the run beside it says otherwise.
+        adapter = load_for_inference(
+            run.model.adapter_name_or_path,
+            run.model.model_name_or_path,
+            task_name=run.data.task_name,
+            max_seq_length=run.data.max_seq_length,
+            tokenizer_name=run.model.tokenizer_name,
+            eval_mode=None,
+            decoding=dataclasses.asdict(run.generation),
+            device=device,
+        )
+        model, family = adapter.model, adapter.family
+        task_name = family.spec.name
         modes = parse_eval_modes(run.evaluation.eval_modes)
         merges = [mode for mode in modes if mode in MERGE_MODES]
         # The eval splits are scored; the training split (and its held-out rows, as the run held them out) only
         # feeds the merges.
         train_samples = run.data.max_train_samples if merges else 1
-        data = family.load_data(resolve_data_dir(run.data.task_name, run.data.data_dir), train_samples, run.data.max_eval_samples)
+        data = family.load_data(resolve_data_dir(task_name, run.data.data_dir), train_samples, run.data.max_eval_samples)
         data, holdout = hold_out(data, run.data.holdout_samples if merges else None)
-        model = family.load_model(model_path)
-        load_adapter(model, run.model.adapter_name_or_path)
     init_distributed(env)
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device).eval()
-    logger.info("evaluating %s on %s: %s", run.model.adapter_name_or_path, run.data.task_name, ", ".join(modes))
+    logger.info("evaluating %s on %s: %s", run.model.adapter_name_or_path, task_name, ", ".join(modes))
     batch_size = run.evaluation.per_device_eval_batch_size
     merged = {
         name: compute_merge(name, model, family, data.train, holdout, batch_size, env, run.evaluation.fisher_batches) for name in merges

@@ -43,6 +43,7 @@ from transformers import AutoTokenizer
 from adamix_ds import ExpertStepGuard, add_adamix, count_parameters, enable_activation_checkpointing, load_adapter
 from adamix_ds.data import get_task_spec
 from adamix_ds.families import build_family
+from adamix_ds.hub import push_folder
 from adamix_ds.merging import set_merge
 from adamix_ds.optim import adamw_param_groups
 from adamix_ds.training import (
@@ -187,6 +188,22 @@ def main(argv: list[str] | None = None) -> None:
         parameters,
     )
 
+    # What the adapters' model cards say of this run's data and hyper-parameters.
+    card_hyperparameters = {
+        "task_name": run.data.task_name,
+        "data": data_dir or "the Hugging Face Hub",
+        "train_samples": len(data.train),
+        "max_seq_length": run.data.max_seq_length,
+        "method": run.adamix.method,
+        "learning_rate": args.learning_rate,
+        "train_batch_size": ds_config["train_batch_size"],
+        "total_steps": schedule.total_steps,
+        "warmup_steps": schedule.warmup_steps,
+        "weight_decay": args.weight_decay,
+        "world_size": env.world_size,
+        "zero_stage": zero_stage(ds_config),
+        "seed": args.seed,
+    }
     collator = family.collator()
     loader = train_loader(data.train, collator, args.per_device_train_batch_size, env, args.seed)
     best_key = "eval_" + (args.metric_for_best_model or family.metric_names[0]).removeprefix("eval_")
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         # A split without a dev set (LiST) has no best evaluation: the model is never selected on the test set.
         if best_key in metrics and (state.best_metric is None or metrics[best_key] > state.best_metric):
             state.best_metric, state.best_step, state.best_metrics = metrics[best_key], step, metrics
-            save_model(engine, best_dir, merged=True, tokenizer=tokenizer)
+            save_model(engine, best_dir, merged=True, tokenizer=tokenizer, metrics=metrics, hyperparameters=card_hyperparameters)
         return metrics
 
     # -- Training: a step is `accumulation` micro-batches, each one or two routed passes (consistency loss).
@@ -300,8 +317,10 @@ def main(argv: list[str] | None = None) -> None:
     if config is None:
         save_model(engine, output_dir / "model", merged=True, tokenizer=tokenizer)
     else:
-        save_model(engine, output_dir / "adapter", merged=True)
-        save_model(engine, output_dir / "experts", merged=False)
+        # adapter/'s card reports the merge it holds: the average's final metrics, or --merge's own scores.
+        adapter_metrics = metrics if merge_summary is None else {k: v for k, v in merge_summary.items() if k.startswith(("eval_", "test_"))}
+        save_model(engine, output_dir / "adapter", merged=True, metrics=adapter_metrics, hyperparameters=card_hyperparameters)
+        save_model(engine, output_dir / "experts", merged=False, metrics=metrics, hyperparameters=card_hyperparameters)
     trained_samples = (step - start_step) * ds_config["train_batch_size"]
     summary = {
         "final": {**metrics, "epoch": (step + state.data_step_offset) / schedule.steps_per_epoch},
@@ -334,7 +353,17 @@ def main(argv: list[str] | None = None) -> None:
             backbone_bytes / 1e6,
             output_dir,
         )
+    upload_failed = False
+    if args.push_to_hub and env.is_main:  # the end of a complete run; a failed upload keeps every local file
+        folder = output_dir / ("model" if config is None else "adapter")
+        try:
+            logger.info("uploaded %s: %s", folder, push_folder(folder, args.hub_model_id or output_dir.name))
+        except RuntimeError as error:
+            print(f"train.py: error: {error}", file=sys.stderr, flush=True)
+            upload_failed = True
     shutdown_distributed(env)
+    if upload_failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

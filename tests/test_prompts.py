@@ -284,7 +284,10 @@ def test_saved_adapter_records_its_prompt_and_reproduces_the_logits(checkpoints,
     model.adamix_task = family.record()
     save_adapter(model, tmp_path / "experts")
     record = read_task_record(tmp_path / "experts")
-    assert record == {"family": "prompt", "template": template, "label_words": words, "lm": "masked", "train_lm_head": "transform"}
+    assert record == {
+        "family": "prompt", "template": template, "label_words": words, "lm": "masked", "train_lm_head": "transform",
+        "task_name": "sst2", "max_seq_length": 64, "text_columns": ["sentence"], "dataset": "nyu-mll/glue",
+    }  # fmt: skip
     again = _family("sst2", minilm_tokenizer(), checkpoints["bert"], **{k: v for k, v in record_arguments(record).items() if k != "prompt"})
     loaded = load_adapter(again.load_model(str(checkpoints["bert"])), tmp_path / "experts")
     assert loaded.adamix_task == record
@@ -386,7 +389,10 @@ def test_bad_prompt_input_exits_2_with_one_line_and_writes_nothing(checkpoints, 
 
 def test_classification_stays_the_default_family(checkpoints):
     family = build_family(get_task_spec("rte"), minilm_tokenizer(), 64, str(checkpoints["bert"]))
-    assert isinstance(family, SequenceClassification) and family.encoder() is None and family.record() is None
+    assert isinstance(family, SequenceClassification) and family.encoder() is None
+    assert family.record() == {
+        "family": "classification", "task_name": "rte", "max_seq_length": 64, "text_columns": ["sentence1", "sentence2"], "dataset": "nyu-mll/glue"
+    }  # fmt: skip
     json.dumps(_family("rte", gpt2_tokenizer(), checkpoints["gpt2"]).record())  # the record is plain JSON
 
 

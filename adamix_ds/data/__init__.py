@@ -1,6 +1,6 @@
 """Task data for the launcher: task specs, tokenized datasets, a padding collator and the metrics."""
 
-from adamix_ds.data.glue import TaskData, load_task, make_collator, read_glue_folder
+from adamix_ds.data.glue import TaskData, load_task, make_collator, read_glue_folder, read_split_file, tokenizer_encoder
 from adamix_ds.data.metrics import compute_metrics
 from adamix_ds.data.tasks import GENERATION_TASKS, GLUE_TASKS, EvalSplit, GenerationTaskSpec, TaskSpec, get_task_spec
 
@@ -16,4 +16,6 @@ __all__ = [
     "load_task",
     "make_collator",
     "read_glue_folder",
+    "read_split_file",
+    "tokenizer_encoder",
 ]

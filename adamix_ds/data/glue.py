@@ -17,7 +17,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from adamix_ds.data.tasks import TaskSpec, get_task_spec
 
-__all__ = ["TaskData", "load_task", "make_collator"]
+__all__ = ["TaskData", "load_task", "make_collator", "read_glue_folder", "read_split_file", "tokenizer_encoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +127,23 @@ def load_task(
             max_length,
         )
     if encoder is None:
-
-        def encoder(batch: dict[str, list]) -> dict[str, list]:
-            return tokenizer(*(batch[c] for c in spec.text_columns), truncation=True, max_length=max_length)
-
+        encoder = tokenizer_encoder(spec, tokenizer, max_length)
     return TaskData(
         train=_tokenize(_first(train, max_train_samples), encoder, spec),
         eval={name: _tokenize(_first(ds, max_eval_samples), encoder, spec) for name, ds in evals.items()},
         spec=spec,
     )
+
+
+def tokenizer_encoder(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> Encoder:
+    """The tokenizer's own encoding of ``spec``'s text columns (one sentence or a pair), truncated to
+    ``max_seq_length`` tokens or the tokenizer's maximum, whichever is shorter: ``load_task``'s default."""
+    max_length = min(max_seq_length, tokenizer.model_max_length)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(*(batch[c] for c in spec.text_columns), truncation=True, max_length=max_length)
+
+    return encode
 
 
 def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> DataCollatorWithPadding:
@@ -217,9 +225,16 @@ def _load_list(spec: TaskSpec, folder: Path, find_test: bool) -> tuple[datasets.
     return train, evals
 
 
-def _read_glue_tsv(spec: TaskSpec, path: Path) -> datasets.Dataset:
-    """Read a labelled task file (GLUE tsv, LiST's headerless tsv, LM-BFF's csv) into columns
-    ``spec.text_columns`` and ``labels``."""
+def read_split_file(spec: TaskSpec, path: str | os.PathLike[str], labelled: bool = True) -> datasets.Dataset:
+    """The untokenized rows of one task file in the task's own format (GLUE tsv, LiST's headerless tsv, LM-BFF's
+    csv): columns ``spec.text_columns`` and, for a ``labelled`` file, ``labels``. An unlabelled file (GLUE's
+    ``test.tsv``) always has a header. ``FileNotFoundError``/``ValueError`` name a missing or malformed file."""
+    return _read_glue_tsv(spec, Path(path), labelled)
+
+
+def _read_glue_tsv(spec: TaskSpec, path: Path, labelled: bool = True) -> datasets.Dataset:
+    """Read a task file (GLUE tsv, LiST's headerless tsv, LM-BFF's csv) into columns ``spec.text_columns`` and,
+    when ``labelled``, ``labels``."""
     if not path.is_file():
         raise FileNotFoundError(f"{spec.name} data file not found: {path}")
     label_ids = {raw: label_id for label_id, raw in enumerate(spec.file_labels)}
@@ -232,19 +247,19 @@ def _read_glue_tsv(spec: TaskSpec, path: Path) -> datasets.Dataset:
         quoting = csv.QUOTE_NONE if spec.delimiter == "\t" else csv.QUOTE_MINIMAL
         reader = csv.reader(file, delimiter=spec.delimiter, quoting=quoting)
         try:
-            header = list(spec.file_columns) if spec.file_columns else next(reader, None)
+            header = list(spec.file_columns) if spec.file_columns and labelled else next(reader, None)
             if header is None:
                 raise ValueError(f"{path}: empty file")
-            required = (*spec.file_text_columns, spec.file_label_column)
+            required = (*spec.file_text_columns, spec.file_label_column) if labelled else spec.file_text_columns
             headerless = _HEADERLESS_COLUMNS.get(spec.name)
             first_row = None
-            if headerless and any(c not in header for c in required) and len(header) == len(headerless):
+            if labelled and headerless and any(c not in header for c in required) and len(header) == len(headerless):
                 header, first_row = list(headerless), header
             missing = [c for c in required if c not in header]
             if missing:
                 raise ValueError(f"{path}: no column {missing[0]!r}; the columns are {header}")
             text_indices = [header.index(c) for c in spec.file_text_columns]
-            label_index = header.index(spec.file_label_column)
+            label_index = header.index(spec.file_label_column) if labelled else None
             for row in itertools.chain([first_row] if first_row else [], reader):
                 # An exact count catches a stray tab, which would silently shift every later column.
                 if len(row) != len(header):
@@ -252,6 +267,8 @@ def _read_glue_tsv(spec: TaskSpec, path: Path) -> datasets.Dataset:
                     raise ValueError(f"{path}: line {reader.line_num} has {len(row)} {separator}-separated fields, expected {len(header)}")
                 for column, index in zip(texts, text_indices, strict=True):
                     column.append(row[index])
+                if label_index is None:
+                    continue
                 raw = row[label_index]
                 label = _parse_score(raw) if spec.is_regression else label_ids.get(raw)
                 if label is None:
@@ -264,12 +281,14 @@ def _read_glue_tsv(spec: TaskSpec, path: Path) -> datasets.Dataset:
             raise ValueError(f"{path}: not UTF-8 text ({err.reason})") from err
         except csv.Error as err:
             raise ValueError(f"{path}: line {reader.line_num}: {err}") from err
-    if not labels:
+    if not texts[0]:
         raise ValueError(f"{path}: no data rows")
-
+    columns = dict(zip(spec.text_columns, texts, strict=True))
+    if not labelled:
+        return datasets.Dataset.from_dict(columns, features=datasets.Features({c: datasets.Value("string") for c in columns}))
     label_feature = datasets.Value("float32") if spec.is_regression else datasets.ClassLabel(names=list(spec.label_names))
     features = datasets.Features({**{c: datasets.Value("string") for c in spec.text_columns}, "labels": label_feature})
-    return datasets.Dataset.from_dict({**dict(zip(spec.text_columns, texts, strict=True)), "labels": labels}, features=features)
+    return datasets.Dataset.from_dict({**columns, "labels": labels}, features=features)
 
 
 def _parse_score(raw: str) -> float | None:

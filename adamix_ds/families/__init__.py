@@ -53,16 +53,17 @@ def build_family(
 
 def record_arguments(record: dict[str, Any] | None) -> dict[str, Any]:
     """``build_family``'s keyword arguments that an adapter's task record fixes (``None``: a classification
-    adapter); the rest (decoding, label smoothing) come from the flags."""
-    if record is None:
+    adapter of a version that wrote no record); the rest (decoding, label smoothing) come from the flags."""
+    family = SequenceClassification.name if record is None else record.get("family")
+    if family == SequenceClassification.name:
         return {"prompt": False}
-    family = record.get("family")
     if family == CausalLMGeneration.name:
         if record.get("separator") != SEPARATOR:  # the adapter learnt to continue after its own separator
             raise ValueError(f"task record separator={record.get('separator')!r} is not this version's {SEPARATOR!r}")
         return {}
     if family != PromptClassification.name:
-        raise ValueError(f"task record family={family!r} is unknown: allowed {PromptClassification.name!r}, {CausalLMGeneration.name!r}")
+        allowed = ", ".join(repr(f.name) for f in (SequenceClassification, PromptClassification, CausalLMGeneration))
+        raise ValueError(f"task record family={family!r} is unknown: allowed {allowed}")
     return {
         "prompt": True,
         "template": record["template"],

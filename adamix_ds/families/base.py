@@ -17,17 +17,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import datasets
 import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from adamix_ds.consistency import AdaMixLoss, adamix_loss
-from adamix_ds.data import GenerationTaskSpec, TaskData, TaskSpec, load_task
+from adamix_ds.data import GenerationTaskSpec, TaskData, TaskSpec, load_task, tokenizer_encoder
 from adamix_ds.data.glue import Encoder
-from adamix_ds.evaluation import evaluate_logits
+from adamix_ds.evaluation import evaluate_logits, sharded_logits
 
 if TYPE_CHECKING:
-    import datasets
     from deepspeed import DeepSpeedEngine
 
     from adamix_ds.training.runtime import DistEnv
@@ -153,6 +153,49 @@ class TaskFamily(ABC):
         the default scores ``logits`` and writes nothing."""
         return evaluate_logits(engine, dataset, self, batch_size, env)
 
-    def record(self) -> dict[str, Any] | None:
-        """What an adapter must remember to read inputs the same way later (saved as its ``task.json``)."""
-        return None
+    def record(self) -> dict[str, Any]:
+        """What an adapter must remember to read inputs the same way later (saved as its ``task.json``): the family,
+        the task and its sequence length; a family adds what else decides its inputs (a template, a separator)."""
+        return {
+            "family": self.name,
+            "task_name": self.spec.name,
+            "max_seq_length": self.max_length,
+            "text_columns": list(self.input_columns),
+            "dataset": self.spec.hub_dataset,
+        }
+
+    # -- prediction on unlabelled inputs ------------------------------------------------------------
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        """The text columns an input row needs (``encode_inputs``): the task's text columns."""
+        return self.spec.text_columns
+
+    def encode_inputs(self, rows: datasets.Dataset) -> datasets.Dataset:
+        """``rows`` (``input_columns`` as text, any labels ignored) encoded as this family reads inputs, in order."""
+        encoder = self.encoder() or tokenizer_encoder(self.spec, self.tokenizer, self.max_length)
+        return rows.select_columns(list(self.input_columns)).map(encoder, batched=True, remove_columns=list(self.input_columns))
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """What ``logits`` predict: class logits unchanged, a regression task's ``[B]`` scores."""
+        return logits[:, 0] if self.spec.is_regression else logits
+
+    def predict(
+        self, model: DeepSpeedEngine | nn.Module, inputs: datasets.Dataset, batch_size: int, env: DistEnv, progress: bool = False
+    ) -> list[dict[str, Any]]:
+        """One result per row of ``inputs`` (``encode_inputs``' output), in order, on every rank; every rank calls
+        it and predicts its shard. Classification: ``prediction`` (the class id), ``label`` (its name) and
+        ``probabilities`` (class name -> probability); regression: ``prediction`` (the score)."""
+        logits = sharded_logits(model, inputs, self, batch_size, env, progress)
+        values = self.predictions(logits)
+        if self.spec.is_regression:
+            return [{"prediction": float(value)} for value in values]
+        probabilities = torch.softmax(values, dim=-1)
+        names = self.spec.label_names
+        return [
+            {
+                "prediction": int(row.argmax()),
+                "label": names[int(row.argmax())],
+                "probabilities": {name: float(p) for name, p in zip(names, row, strict=True)},
+            }
+            for row in probabilities
+        ]

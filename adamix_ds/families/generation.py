@@ -16,6 +16,7 @@ forwards in lockstep (``synced_gpus``) because every forward gathers parameters 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -286,6 +287,37 @@ class CausalLMGeneration(TaskFamily):
             hypotheses += [_one_line(text) for text in texts]
         return hypotheses
 
+    def sharded_generate(
+        self, engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, batch_size: int, env: DistEnv, progress: bool = True
+    ) -> list[str]:
+        """The hypothesis of every prompt (``input_ids``) of ``dataset`` in order, on every rank: each rank decodes
+        its ``eval_shard`` in eval mode (``progress``: a progress bar on rank 0), and the shards are gathered."""
+        model = getattr(engine, "module", engine)
+        was_training = model.training
+        model.eval()
+        count = len(dataset)
+        own, padded = eval_shard(count, env)
+        # ZeRO-3 gathers every layer's parameters collectively: ranks that finish early keep stepping with the others.
+        synced = env.world_size > 1 and bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
+        prompts = [dataset[i]["input_ids"] for i in padded]
+        local = self.generate(model, prompts, batch_size, engine.device, synced, progress=progress and env.is_main)[: len(own)]
+        shards = gather_shards(local, env)
+        model.train(was_training)
+        return [shards[i % env.world_size][i // env.world_size] for i in range(count)]
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        return ("mr",)
+
+    def encode_inputs(self, rows: datasets.Dataset) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"input_ids": [self._prompt_ids(mr) for mr in rows["mr"]]})
+
+    def predict(
+        self, model: DeepSpeedEngine | nn.Module, inputs: datasets.Dataset, batch_size: int, env: DistEnv, progress: bool = False
+    ) -> list[dict[str, Any]]:
+        """The decoded text of every MR of ``inputs`` (``prediction``), with this family's ``decoding``."""
+        return [{"prediction": text} for text in self.sharded_generate(model, inputs, batch_size, env, progress)]
+
     def evaluate(
         self,
         engine: DeepSpeedEngine | nn.Module,
@@ -297,18 +329,7 @@ class CausalLMGeneration(TaskFamily):
         """Decode every MR of ``dataset`` and score it against its references; rank 0 writes
         ``<predictions>.txt`` (one hypothesis per MR, in file order: what e2e-metrics reads) and
         ``<predictions>.jsonl`` (MR and hypothesis)."""
-        model = getattr(engine, "module", engine)
-        was_training = model.training
-        model.eval()
-        count = len(dataset)
-        own, padded = eval_shard(count, env)
-        # ZeRO-3 gathers every layer's parameters collectively: ranks that finish early keep stepping with the others.
-        synced = env.world_size > 1 and bool(getattr(engine, "zero_optimization_partition_weights", lambda: False)())
-        prompts = [dataset[i]["input_ids"] for i in padded]
-        local = self.generate(model, prompts, batch_size, engine.device, synced, progress=env.is_main)[: len(own)]
-        shards = gather_shards(local, env)
-        hypotheses = [shards[i % env.world_size][i // env.world_size] for i in range(count)]
-        model.train(was_training)
+        hypotheses = self.sharded_generate(engine, dataset, batch_size, env)
         result: list[dict[str, float] | None] = [None]
         if env.is_main:
             result[0] = self.scorer.score(hypotheses, dataset["references"])
@@ -323,4 +344,5 @@ class CausalLMGeneration(TaskFamily):
         return result[0]
 
     def record(self) -> dict[str, Any]:
-        return {"family": self.name, "separator": SEPARATOR}
+        # The decoding is the default of later predictions (flags override it).
+        return {**super().record(), "separator": SEPARATOR, "decoding": dataclasses.asdict(self.decoding)}

@@ -158,8 +158,9 @@ class PromptClassification(TaskFamily):
             batch[key] = torch.tensor(rows)
         positions = [f["mask_position"] + (length - len(f["input_ids"]) if left else 0) for f in features]
         batch["mask_position"] = torch.tensor(positions)
-        dtype = torch.float32 if self.spec.is_regression else torch.long
-        batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=dtype)
+        if "labels" in features[0]:  # unlabelled inputs (prediction) have none
+            dtype = torch.float32 if self.spec.is_regression else torch.long
+            batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=dtype)
         return batch
 
     def logits(self, model: Callable[..., Any], inputs: Batch) -> torch.Tensor:
@@ -184,7 +185,7 @@ class PromptClassification(TaskFamily):
         return F.cross_entropy(logits.float(), labels.long(), label_smoothing=self.label_smoothing)
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class logits unchanged; for regression ``5 * p(high pole)``."""
+        """Label-word logits unchanged; for regression ``5 * p(high pole)``."""
         if self.spec.is_regression:
             return REGRESSION_RANGE * F.softmax(logits.float(), dim=-1)[:, 1]
         return logits
@@ -196,7 +197,7 @@ class PromptClassification(TaskFamily):
     def record(self) -> dict[str, Any]:
         label_keys = ("0", "1") if self.spec.is_regression else self.spec.file_labels
         return {
-            "family": self.name,
+            **super().record(),
             "template": self.template.source,
             "label_words": dict(zip(label_keys, self.words, strict=True)),
             "lm": self.kind,

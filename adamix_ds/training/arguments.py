@@ -296,6 +296,13 @@ class TrainingArguments:
         },
     )
     seed: int = field(default=42, metadata={"help": "Seeds initialisation, data order, dropout and routing."})
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "At the end, upload the merged adapter folder (output_dir/adapter, with its model card) to the Hub."},
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "With --push_to_hub: the Hub repo (user/name) to upload to (default: output_dir's name)."}
+    )
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; the environment's LOCAL_RANK is used."})
 
 
@@ -435,6 +442,8 @@ def validate(run: RunArguments) -> None:
             f"expert_lr_scale={run.adamix.expert_lr_scale} needs routed experts: --method {run.adamix.method} with "
             f"num_experts={run.adamix.num_experts} has none; allowed 1, or use --method adamix with num_experts > 1"
         )
+    if training.hub_model_id is not None and not training.push_to_hub:
+        raise ValueError(f"hub_model_id={training.hub_model_id} needs --push_to_hub")
     if run.adamix.random_draws < 1:
         raise ValueError(f"random_draws={run.adamix.random_draws} is invalid: allowed an integer >= 1")
     check_merges(run.adamix.merge, run.adamix.eval_modes, run.adamix.fisher_batches, data.holdout_samples)
@@ -515,6 +524,7 @@ def adamix_config(run: RunArguments, modules_to_save: list[str] | None = None) -
         modules_to_save=modules_to_save,
         target_modules=None if adamix.target_modules is None else [t.strip() for t in adamix.target_modules.split(",") if t.strip()],
         seed=run.training.seed,
+        base_model_name_or_path=run.model.model_name_or_path,
     )
 
 
@@ -626,7 +636,13 @@ def parse_eval_args(argv: list[str] | None = None) -> EvalRun:
             for name in names:
                 if name not in given and name in source[group]:
                     setattr(getattr(run, group), name, source[group][name])
-    get_task_spec(data.task_name)
+                    given.add(name)
+    # Neither a flag nor the run's: the adapter's own record decides (adamix_ds.inference.load_for_inference).
+    for group, name in ((model, "model_name_or_path"), (data, "task_name"), (data, "max_seq_length")):
+        if name not in given:
+            setattr(group, name, None)
+    if data.task_name is not None:
+        get_task_spec(data.task_name)
     for name in ("max_seq_length", "max_eval_samples", "per_device_eval_batch_size", "random_draws"):
         value = getattr(data, name, None) if hasattr(data, name) else getattr(evaluation, name)
         if value is not None and value < 1:

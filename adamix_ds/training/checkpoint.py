@@ -326,12 +326,20 @@ def load_checkpoint(engine: DeepSpeedEngine, checkpoint: Path) -> None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint in {checkpoint}")
 
 
-def save_model(engine: DeepSpeedEngine, path: Path, merged: bool, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+def save_model(
+    engine: DeepSpeedEngine,
+    path: Path,
+    merged: bool,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    metrics: dict[str, Any] | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+) -> None:
     """Save the trained weights on all ranks (rank 0 writes): the adapter and head (``merged``: the experts'
-    average) for AdaMix methods, the whole model for full fine-tuning. ZeRO-3 partitions are gathered."""
+    average) for AdaMix methods, with a model card of the run's ``metrics`` and ``hyperparameters``; the whole
+    model for full fine-tuning. ZeRO-3 partitions are gathered."""
     model = engine.module
     if getattr(model, "adamix_config", None) is not None:
-        save_adapter(model, path, merged=merged)
+        save_adapter(model, path, merged=merged, metrics=metrics, hyperparameters=hyperparameters)
         return
     with gathered(list(model.parameters())):
         state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
