@@ -290,7 +290,7 @@ def test_real_local_sweep_skips_complete_runs_and_merged_equals_the_runs_final_e
 
     bad = subprocess.run([*standalone, "--eval_modes", "merged,best"], capture_output=True, text=True, env=subprocess_env())
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "evaluate.py: error: eval_modes='merged,best' is invalid: allowed 'all' or a comma-separated list of merged, random, fixed, ensemble"
+        "evaluate.py: error: eval_modes='merged,best' is invalid: allowed 'all' or a comma-separated list of merged, random, fixed, ensemble, greedy_soup, fisher"
     ]
 
 
