@@ -155,7 +155,12 @@ def test_adapter_from_another_architecture_is_rejected(tmp_path):
 def test_save_writes_config_and_nothing_half_written(tmp_path):
     model = adamix_model("gpt2", "lora")
     save_adapter(model, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adamix_config.json", "adapter_model.safetensors", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "adamix_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+    ]
     assert json.loads((tmp_path / "out" / "adamix_config.json").read_text())["adapter_type"] == "lora"
     merge_adamix(model, fold=True)
     with pytest.raises(ValueError, match="folded"):
