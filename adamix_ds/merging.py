@@ -25,7 +25,6 @@ from torch import nn
 from adamix_ds.model import adamix_layers, get_config, set_eval_mode
 from adamix_ds.routing import Projection
 
-MERGES = ("uniform", "greedy_soup", "fisher")
 # Per AdaMix layer (by module name): weights per expert parameter, in ``expert_parameters`` order (None: uniform).
 Coefficients = dict[str, tuple[torch.Tensor | None, ...] | None]
 
@@ -93,7 +92,7 @@ def greedy_soup(model: nn.Module, score: Callable[[], float]) -> GreedySoup:
     (higher is better) on held-out data that must be neither trained on nor reported. The model's eval mode
     and merge are restored afterwards."""
     config = get_config(model)
-    previous = [layer.merge_coefficients for _, layer in adamix_layers(model)]
+    previous = {name: layer.merge_coefficients for name, layer in adamix_layers(model)}
     try:
         scores = []
         for expert in range(num_experts(model)):
@@ -109,8 +108,7 @@ def greedy_soup(model: nn.Module, score: Callable[[], float]) -> GreedySoup:
                 chosen, best = [*chosen, expert], candidate
     finally:
         set_eval_mode(model, config.eval_mode, config.eval_expert)
-        for (_, layer), coefficients in zip(adamix_layers(model), previous, strict=True):
-            layer.set_merge_coefficients(coefficients)
+        set_merge(model, previous)
     return GreedySoup(scores, order, chosen, best, soup_coefficients(model, chosen))
 
 
