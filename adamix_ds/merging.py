@@ -8,6 +8,8 @@ every routed projection (down ``k`` with the shared up in the paper's setting).
 * ``uniform``: the paper's average (Wortsman et al. 2022's uniform soup).
 * ``greedy_soup``: experts sorted by their own score on held-out data, each added to the uniform average of the
   chosen ones only if the soup's score does not drop (Wortsman et al. 2022).
+* ``best_expert``: the one expert with the best score on held-out data (the soup's first ingredient), alone: the
+  single-expert baseline where scoring every expert on the reported split costs too much (E2E's beam search).
 * ``fisher``: per element, ``sum_k F_k W_k / sum_k F_k`` with ``F_k`` expert ``k``'s diagonal Fisher, the squared
   gradients of the log-likelihood under its fixed routing (Matena & Raffel 2021); where every ``F_k`` is zero the
   average stays uniform.
@@ -87,19 +89,30 @@ class GreedySoup:
         return {"expert_scores": self.expert_scores, "order": self.order, "chosen": self.chosen, "score": self.score}
 
 
+def expert_scores(model: nn.Module, score: Callable[[], float]) -> list[float]:
+    """Each expert's own ``score()`` (higher is better) under its fixed routing, expert ``k`` at index ``k``. The
+    model's eval mode is restored afterwards."""
+    config = get_config(model)
+    try:
+        scores = []
+        for expert in range(num_experts(model)):
+            set_eval_mode(model, "fixed", eval_route=expert_route(model, expert))
+            scores.append(float(score()))
+    finally:
+        set_eval_mode(model, config.eval_mode, config.eval_expert)
+    return scores
+
+
 def greedy_soup(model: nn.Module, score: Callable[[], float]) -> GreedySoup:
     """Wortsman et al.'s greedy soup over the experts of ``model``: ``score()`` evaluates the model as it is set
     (higher is better) on held-out data that must be neither trained on nor reported. The model's eval mode
     and merge are restored afterwards."""
     config = get_config(model)
     previous = {name: layer.merge_coefficients for name, layer in adamix_layers(model)}
+    scores = expert_scores(model, score)
+    order = sorted(range(len(scores)), key=lambda k: -scores[k])  # stable: ties keep the lower index first
+    chosen, best = [order[0]], scores[order[0]]  # a soup of one expert is that expert
     try:
-        scores = []
-        for expert in range(num_experts(model)):
-            set_eval_mode(model, "fixed", eval_route=expert_route(model, expert))
-            scores.append(float(score()))
-        order = sorted(range(len(scores)), key=lambda k: -scores[k])  # stable: ties keep the lower index first
-        chosen, best = [order[0]], scores[order[0]]  # a soup of one expert is that expert
         set_eval_mode(model, "merged")
         for expert in order[1:]:
             set_merge(model, soup_coefficients(model, [*chosen, expert]))

@@ -20,6 +20,8 @@ from adamix_ds.data import get_task_spec
 from adamix_ds.sweep import Sweep, SweepRun, read_metrics, restore_records, save_records
 from adamix_ds.training.eval_modes import EVAL_MODES_FILE
 
+# metrics.json's final losses (the last log line's task loss; the held-out rows' task loss), shown unscaled.
+LOSS_COLUMNS = ("train_task_loss", "holdout_loss")
 # Grid axes that measure how much training a run got: "metric vs budget" plots use them.
 BUDGET_AXES = ("num_train_epochs", "max_steps", "max_train_samples")
 
@@ -66,7 +68,8 @@ def run_values(run: SweepRun) -> dict[str, float] | None:
     """The numbers a summary takes from one complete run, or ``None`` if it has not finished.
 
     ``final`` metrics keep their launcher names (``eval_accuracy``, ``test_accuracy``); the best evaluation
-    during training (the paper reports the best epoch on dev) is ``best_<metric>``; ``train_runtime`` in s.
+    during training (the paper reports the best epoch on dev) is ``best_<metric>``; ``train_runtime`` in s; the
+    final losses of ``LOSS_COLUMNS`` where the run recorded them.
     """
     metrics = read_metrics(run.metrics_file)
     if metrics is None:
@@ -74,6 +77,7 @@ def run_values(run: SweepRun) -> dict[str, float] | None:
     values = {k: float(v) for k, v in metrics["final"].items() if k.startswith(("eval_", "test_")) and isinstance(v, (int, float))}
     values.update({f"best_{k}": float(v) for k, v in metrics.get("best", {}).items() if k.startswith("eval_")})
     values["train_runtime"] = float(metrics["train_runtime"])
+    values.update({k: float(metrics[k]) for k in LOSS_COLUMNS if metrics.get(k) is not None})
     return values
 
 
@@ -119,7 +123,7 @@ def _metric_columns(cells: list[Cell], task: str) -> list[str]:
     """The task's metrics in the order of its spec: final dev (eval_), best dev, then test_ where present."""
     present = {k for cell in cells for k in cell.metrics}
     names = get_task_spec(task).metric_names
-    columns = [f"eval_{m}" for m in names] + [f"best_eval_{_main_metric(task)}"] + [f"test_{m}" for m in names]
+    columns = [f"eval_{m}" for m in names] + [f"best_eval_{_main_metric(task)}"] + [f"test_{m}" for m in names] + list(LOSS_COLUMNS)
     return [c for c in columns if c in present]
 
 
@@ -140,15 +144,56 @@ def markdown(sweep: Sweep, cells: list[Cell]) -> str:
         for cell in task_cells:
             row = [cell.label]
             for column in columns:
-                row.append(Stat.of(cell.metrics[column]).format(_scale(task)) if column in cell.metrics else "—")
+                scale, digits = (1.0, 4) if column in LOSS_COLUMNS else (_scale(task), 2)
+                row.append(Stat.of(cell.metrics[column]).format(scale, digits) if column in cell.metrics else "—")
             runtime = cell.metrics.get("train_runtime")
             row.append(f"{statistics.fmean(runtime):.0f} s" if runtime else "—")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines += _routing_tables(cells)
     missing = [name for cell in cells for name in cell.missing]
     lines += ["## Missing or failed runs", ""]
     lines += [f"- `{name}`" for name in missing] if missing else ["none"]
     return "\n".join(lines) + "\n"
+
+
+def run_routings(modes: dict[str, Any], metric: str) -> dict[str, float]:
+    """One number per inference routing of one run's ``eval_modes.json``: ``metric`` under each merge, the mean
+    over random draws and over single experts, and the best single expert (chosen on the split it is scored on)."""
+    out: dict[str, float] = {}
+    for mode, result in modes.items():
+        if not isinstance(result, list):
+            if metric in result:
+                out[mode] = float(result[metric])
+            continue
+        values = [float(entry[metric]) for entry in result if metric in entry]
+        if values:
+            out[f"{mode} (mean)"] = statistics.fmean(values)
+            if mode == "fixed":
+                out["fixed (best on this split)"] = max(values)
+    return out
+
+
+def _routing_tables(cells: list[Cell]) -> list[str]:
+    """Per task with routing evaluations: a row per cell, ``mean ± std (n)`` over seeds of each routing."""
+    lines: list[str] = []
+    for task in dict.fromkeys(c.key["task"] for c in cells):
+        metric = _plotted_metric([c for c in cells if c.key["task"] == task], task)
+        rows = []
+        for cell in (c for c in cells if c.key["task"] == task):
+            per_run = [run_routings(m, metric) for run in cell.runs if (m := read_eval_modes(run)) is not None]
+            if per_run:
+                rows.append((cell.label, {k: [r[k] for r in per_run if k in r] for k in dict.fromkeys(k for r in per_run for k in r)}))
+        if not rows:
+            continue
+        columns = list(dict.fromkeys(k for _, values in rows for k in values))
+        lines += [f"## {task}: {metric} under each inference routing (eval_modes.json)", ""]
+        lines += ["| " + " | ".join(["cell", *columns]) + " |", "|" + "---|" * (len(columns) + 1)]
+        for label, values in rows:
+            cells_text = [Stat.of(values[c]).format(_scale(task)) if values.get(c) else "—" for c in columns]
+            lines.append("| " + " | ".join([label, *cells_text]) + " |")
+        lines.append("")
+    return lines
 
 
 def _mode_stats(modes: list[dict[str, Any]], metric: str) -> dict[str, Any]:

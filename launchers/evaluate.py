@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a trained AdaMix run under every inference routing: merged, ensemble, each single expert and
-R random-routing draws, on the same evaluation split (the paper's Fig. 5); by name also the greedy soup and the
-Fisher-weighted merge (on the run's held-out rows and training batches).
+R random-routing draws, on the same evaluation split (the paper's Fig. 5); by name also the greedy soup, the
+Fisher-weighted merge and the best single expert on held-out rows (the run's held-out rows and training batches).
 
     python launchers/evaluate.py --adapter_name_or_path outputs/rte_adamix/experts --eval_modes all --output_file modes.json
     python launchers/evaluate.py --adapter_name_or_path OUT/experts --eval_modes merged,greedy_soup,fisher   # OUT trained with --holdout_samples

@@ -42,6 +42,7 @@ from transformers import AutoTokenizer
 
 from adamix_ds import ExpertStepGuard, add_adamix, count_parameters, enable_activation_checkpointing, load_adapter
 from adamix_ds.data import get_task_spec
+from adamix_ds.evaluation import evaluate_loss
 from adamix_ds.families import build_family
 from adamix_ds.hub import push_folder
 from adamix_ds.merging import set_merge
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics: dict[str, float] = {}
     stop = False  # set on every rank at once when any rank got the preemption signal
     window = torch.zeros(3)  # task loss, consistency loss, micro-batches since the last log line
+    last_logs: dict[str, float] = {}  # the last log line's losses, what metrics.json reports as the final ones
     window_start = train_start = time.perf_counter()
     engine.train()
     with (
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
                         "train_samples_per_second": count * args.per_device_train_batch_size / elapsed,
                     }
                     log_events(logs, step)
+                    last_logs = logs
                     bar.set_postfix(loss=f"{logs['train_loss']:.4f}", lr=f"{logs['train_learning_rate']:.2e}")
                     window.zero_()
                     window_start = time.perf_counter()
@@ -301,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         name: compute_merge(name, engine, family, data.train, holdout, args.per_device_eval_batch_size, env, run.adamix.fisher_batches)
         for name in merges
     }
+    # The held-out rows' task loss under the model as evaluated (AdaMix: the uniform merge): every method's, alike.
+    holdout_loss = None if holdout is None else evaluate_loss(engine, holdout, family, args.per_device_eval_batch_size, env)
     if modes:  # every routing of the final experts, for the paper's Fig. 5
         routings = evaluate_modes(engine, data, family, args.per_device_eval_batch_size, env, modes, run.adamix.random_draws, merged)
         if env.is_main:
@@ -327,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
         "best": {**state.best_metrics, "step": state.best_step},
         "merge": merge_summary,  # adapter/'s merge when not the uniform average, with its scores
         "train_runtime": train_runtime,
+        # The last log line's mean task loss over its micro-batches (AdaMix: under random routing, with dropout).
+        "train_task_loss": last_logs.get("train_task_loss"),
+        "holdout_loss": holdout_loss,
         "train_samples": trained_samples,
         "train_samples_per_second": trained_samples / train_runtime if train_runtime > 0 else 0.0,
         "train_steps_per_second": (step - start_step) / train_runtime if train_runtime > 0 else 0.0,

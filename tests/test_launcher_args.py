@@ -264,6 +264,10 @@ BAD_INPUTS = {
         lambda tmp: ["--eval_modes", "merged,greedy_soup"],
         "greedy_soup selects on held-out training examples: add --holdout_samples N",
     ),
+    "best expert without a held-out split": (
+        lambda tmp: ["--merge", "best_expert"],
+        "best_expert selects on held-out training examples: add --holdout_samples N",
+    ),
     "held-out split as large as the training set": (
         lambda tmp: ["--holdout_samples", "16", "--merge", "greedy_soup"],
         "holdout_samples=16 is invalid: allowed 1..15",

@@ -1,5 +1,6 @@
 """Merges beyond the uniform average: a greedy soup on experts with known scores, Fisher weights from known
-gradients, merged adapters that hold the chosen merge, the held-out split, and a held-out loss for every family."""
+gradients, the best held-out expert, merged adapters that hold the chosen merge, the held-out split, and a held-out
+loss for every family."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from adamix_ds.evaluation import evaluate_loss
 from adamix_ds.families import Decoding, build_family
 from adamix_ds.merging import (
     expert_route,
+    expert_scores,
     fisher_coefficients,
     fisher_diagonals,
     greedy_soup,
@@ -21,7 +23,7 @@ from adamix_ds.merging import (
     soup_coefficients,
 )
 from adamix_ds.model import adamix_layers, get_config, set_eval_mode
-from adamix_ds.training.merges import hold_out
+from adamix_ds.training.merges import compute_merge, hold_out
 from adamix_ds.training.runtime import DistEnv
 
 from conftest import SHARED_DATA
@@ -157,3 +159,33 @@ def test_held_out_loss_of_a_generation_family_is_the_mean_token_loss_per_example
             for b in (collate([row]) for row in data.train)
         ]
     assert evaluate_loss(model, data.train, family, 2, ONE_PROCESS) == pytest.approx(sum(by_hand) / 5, rel=1e-5)
+
+
+def test_best_expert_is_the_one_with_the_lowest_held_out_loss_alone(tmp_path):
+    from test_generation import tiny_gpt2
+    from test_prompts import gpt2_tokenizer
+
+    tiny_gpt2().save_pretrained(tmp_path)
+    family = build_family(get_task_spec("e2e_nlg"), gpt2_tokenizer(), 64, str(tmp_path), decoding=Decoding(max_new_tokens=8))
+    data, holdout = hold_out(family.load_data(SHARED_DATA / "e2e", max_train_samples=12, max_eval_samples=2), 4)
+    model = add_adamix(family.load_model(str(tmp_path)), AdaMixConfig(adapter_type="lora", bottleneck_dim=4, num_experts=3)).eval()
+    with torch.no_grad():
+        for _, layer in adamix_layers(model):
+            for param in layer.expert_parameters():
+                param.normal_(std=0.5)  # B too: the experts differ in what they compute
+    losses = []
+    for expert in range(3):  # by hand: each expert routed alone, its mean held-out loss
+        set_eval_mode(model, "fixed", eval_route=expert_route(model, expert))
+        losses.append(evaluate_loss(model, holdout, family, 2, ONE_PROCESS))
+    set_eval_mode(model, "merged")
+    assert expert_scores(model, lambda: -evaluate_loss(model, holdout, family, 2, ONE_PROCESS)) == pytest.approx([-x for x in losses])
+    best = losses.index(min(losses))
+
+    coefficients, record = compute_merge("best_expert", model, family, data.train, holdout, 2, ONE_PROCESS, fisher_batches=1)
+    assert record["chosen"] == [best] and record["score"] == pytest.approx(-losses[best])
+    assert record["selection_split"] == "holdout: the last 4 training examples, removed before training"
+    assert get_config(model).eval_mode == "merged"  # restored
+    set_merge(model, coefficients)
+    assert evaluate_loss(model, holdout, family, 2, ONE_PROCESS) == pytest.approx(losses[best], rel=1e-5)
+    with pytest.raises(ValueError, match="best_expert needs a held-out split"):
+        compute_merge("best_expert", model, family, data.train, None, 2, ONE_PROCESS, fisher_batches=1)

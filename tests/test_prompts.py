@@ -420,7 +420,7 @@ def test_two_rank_prompt_run_trains_saves_and_reevaluates(checkpoints, tmp_path,
     # At ZeRO-2 the run also merges beyond the average: a greedy soup on 6 held-out rows (adapter/ holds it) and Fisher.
     merges = stage == "zero2"
     if merges:
-        args += ["--holdout_samples", "6", "--merge", "greedy_soup", "--eval_modes", "merged,fixed,greedy_soup,fisher"]
+        args += ["--holdout_samples", "6", "--merge", "greedy_soup", "--eval_modes", "merged,fixed,greedy_soup,fisher,best_expert"]
     completed = _run("deepspeed", args)
     assert completed.returncode == 0, completed.stderr[-3000:]
     final = json.loads((output_dir / "metrics.json").read_text())["final"]
@@ -459,8 +459,12 @@ def _check_merges(output_dir: Path, modes: dict) -> None:
     assert soup["selection_split"] == "holdout: the last 6 training examples, removed before training"
     assert sorted(soup["order"]) == [0, 1, 2, 3] and soup["chosen"][0] == soup["order"][0]
     assert soup["expert_scores"][soup["order"][0]] == max(soup["expert_scores"])
+    best = modes["best_expert"]  # the soup's first ingredient, alone: what that expert's fixed routing scores
+    assert best["chosen"] == [soup["order"][0]] and best["expert_scores"] == soup["expert_scores"]
+    assert best["test_loss"] == pytest.approx(modes["fixed"][soup["order"][0]]["test_loss"], rel=1e-5)
     assert fisher["fisher_batches"] == 1 and fisher["examples"] == 24 and "test_accuracy" in fisher
     metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["holdout_loss"] > 0 and metrics["train_task_loss"] > 0  # the uniform merge's held-out loss; the last log line's
     assert metrics["merge"]["merge"] == "greedy_soup" and metrics["merge"]["test_loss"] == pytest.approx(soup["test_loss"], rel=1e-5)
     experts, adapter = (
         load_file(output_dir / "experts" / "adapter_model.safetensors"),

@@ -155,10 +155,10 @@ def test_bad_only_filters_exit_2_with_one_line_before_anything_runs(tmp_path, on
     assert not (tmp_path / "out").exists()
 
 
-def _fake_run(run, accuracy: float, best: float, runtime: float, modes: dict | None = None) -> None:
+def _fake_run(run, accuracy: float, best: float, runtime: float, modes: dict | None = None, **losses: float | None) -> None:
     run.output_dir.mkdir(parents=True, exist_ok=True)
     metrics = {"final": {"eval_accuracy": accuracy, "eval_loss": 0.7, "step": 2}, "best": {"eval_accuracy": best, "step": 1}}
-    (run.output_dir / "metrics.json").write_text(json.dumps({**metrics, "train_runtime": runtime}))
+    (run.output_dir / "metrics.json").write_text(json.dumps({**metrics, "train_runtime": runtime, **losses}))
     if modes is not None:
         (run.output_dir / "eval_modes.json").write_text(json.dumps(modes))
 
@@ -166,8 +166,8 @@ def _fake_run(run, accuracy: float, best: float, runtime: float, modes: dict | N
 def test_summary_mean_sample_std_n_and_missing_runs(tmp_path):
     sweep = load_sweep(_write(tmp_path, _spec()))
     runs = {r.name: r for r in sweep.runs}
-    _fake_run(runs["rte/adapter/learning_rate-0.001/seed-1"], 0.60, 0.62, 10.0)
-    _fake_run(runs["rte/adapter/learning_rate-0.001/seed-2"], 0.70, 0.71, 20.0)
+    _fake_run(runs["rte/adapter/learning_rate-0.001/seed-1"], 0.60, 0.62, 10.0, train_task_loss=0.5, holdout_loss=None)
+    _fake_run(runs["rte/adapter/learning_rate-0.001/seed-2"], 0.70, 0.71, 20.0, train_task_loss=0.7, holdout_loss=None)
     modes = {
         "merged": {"eval_accuracy": 0.65},
         "fixed": [{"down": d, "up": 0, "eval_accuracy": 0.6} for d in range(4)],
@@ -181,8 +181,11 @@ def test_summary_mean_sample_std_n_and_missing_runs(tmp_path):
     assert [len(c.missing) for c in cells] == [0, 1, 2, 2]
     text = summarize(sweep)
     # mean 65.00, sample std sqrt(((60-65)^2 + (70-65)^2) / 1) = 7.07
-    assert "| adapter learning_rate=0.001 | 65.00 ± 7.07 (n=2) | 66.50 ± 6.36 (n=2) | 15 s |" in text
-    assert "| adamix learning_rate=0.001 | 65.00 (n=1) | 66.00 (n=1) | 30 s |" in text
+    # Losses unscaled; a run without them (or with null, no held-out rows) leaves a dash.
+    assert "| adapter learning_rate=0.001 | 65.00 ± 7.07 (n=2) | 66.50 ± 6.36 (n=2) | 0.6000 ± 0.1414 (n=2) | 15 s |" in text
+    assert "| adamix learning_rate=0.001 | 65.00 (n=1) | 66.00 (n=1) | — | 30 s |" in text
+    assert "| cell | merged | fixed (mean) | fixed (best on this split) | random (mean) |" in text
+    assert "| adamix learning_rate=0.001 | 65.00 (n=1) | 60.00 (n=1) | 60.00 (n=1) | 56.00 (n=1) |" in text
     assert "`rte/adamix/learning_rate-0.001/seed-2`" in text and "`rte/adapter/learning_rate-0.003/seed-1`" in text
     data = json.loads((sweep.output_root / "summary.json").read_text())
     adapter = data["cells"][0]["stats"]["eval_accuracy"]
@@ -290,7 +293,7 @@ def test_real_local_sweep_skips_complete_runs_and_merged_equals_the_runs_final_e
 
     bad = subprocess.run([*standalone, "--eval_modes", "merged,best"], capture_output=True, text=True, env=subprocess_env())
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "evaluate.py: error: eval_modes='merged,best' is invalid: allowed 'all' or a comma-separated list of merged, random, fixed, ensemble, greedy_soup, fisher"
+        "evaluate.py: error: eval_modes='merged,best' is invalid: allowed 'all' or a comma-separated list of merged, random, fixed, ensemble, greedy_soup, fisher, best_expert"
     ]
 
 

