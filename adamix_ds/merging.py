@@ -103,13 +103,14 @@ def expert_scores(model: nn.Module, score: Callable[[], float]) -> list[float]:
     return scores
 
 
-def greedy_soup(model: nn.Module, score: Callable[[], float]) -> GreedySoup:
+def greedy_soup(model: nn.Module, score: Callable[[], float], scores: Sequence[float] | None = None) -> GreedySoup:
     """Wortsman et al.'s greedy soup over the experts of ``model``: ``score()`` evaluates the model as it is set
-    (higher is better) on held-out data that must be neither trained on nor reported. The model's eval mode
-    and merge are restored afterwards."""
+    (higher is better) on held-out data that must be neither trained on nor reported; ``scores``, each expert's
+    own ``expert_scores(model, score)`` where already known. The model's eval mode and merge are restored
+    afterwards."""
     config = get_config(model)
     previous = {name: layer.merge_coefficients for name, layer in adamix_layers(model)}
-    scores = expert_scores(model, score)
+    scores = expert_scores(model, score) if scores is None else [float(s) for s in scores]
     order = sorted(range(len(scores)), key=lambda k: -scores[k])  # stable: ties keep the lower index first
     chosen, best = [order[0]], scores[order[0]]  # a soup of one expert is that expert
     try:

@@ -38,7 +38,7 @@ from adamix_ds.training import (
 )
 from adamix_ds.training.arguments import parse_eval_args
 from adamix_ds.training.eval_modes import evaluate_modes, parse_eval_modes
-from adamix_ds.training.merges import MERGE_MODES, compute_merge, hold_out
+from adamix_ds.training.merges import MERGE_MODES, compute_merges, hold_out
 from adamix_ds.training.runtime import logger
 
 
@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     init_distributed(env)
     logger.info("evaluating %s on %s: %s", run.model.adapter_name_or_path, task_name, ", ".join(modes))
     batch_size = run.evaluation.per_device_eval_batch_size
-    merged = {
-        name: compute_merge(name, model, family, data.train, holdout, batch_size, env, run.evaluation.fisher_batches) for name in merges
-    }
+    merged = compute_merges(merges, model, family, data.train, holdout, batch_size, env, run.evaluation.fisher_batches)
     results = evaluate_modes(model, data, family, batch_size, env, modes, run.evaluation.random_draws, merged)
     if env.is_main:
         text = json.dumps(results, indent=2) + "\n"

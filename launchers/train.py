@@ -79,7 +79,7 @@ from adamix_ds.training.arguments import DEMO_PRESET, family_options, to_dict
 from adamix_ds.training.checkpoint import CHECKPOINTS, CheckpointSaveError
 from adamix_ds.training.elastic import resume_checkpoint
 from adamix_ds.training.eval_modes import EVAL_MODES_FILE, evaluate_modes, parse_eval_modes
-from adamix_ds.training.merges import MERGE_MODES, compute_merge, hold_out
+from adamix_ds.training.merges import MERGE_MODES, compute_merges, hold_out
 from adamix_ds.training.preemption import PreemptionSignal, request_requeue
 from adamix_ds.training.runtime import logger
 
@@ -300,10 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     if metrics.get("step") != step:
         metrics = {**evaluate_and_keep_best(step), "step": step}
     # The merges beyond the uniform average: evaluated as modes, and the one --merge names is what adapter/ holds.
-    merged = {
-        name: compute_merge(name, engine, family, data.train, holdout, args.per_device_eval_batch_size, env, run.adamix.fisher_batches)
-        for name in merges
-    }
+    merged = compute_merges(merges, engine, family, data.train, holdout, args.per_device_eval_batch_size, env, run.adamix.fisher_batches)
     # The held-out rows' task loss under the model as evaluated (AdaMix: the uniform merge): every method's, alike.
     holdout_loss = None if holdout is None else evaluate_loss(engine, holdout, family, args.per_device_eval_batch_size, env)
     if modes:  # every routing of the final experts, for the paper's Fig. 5

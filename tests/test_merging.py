@@ -23,7 +23,7 @@ from adamix_ds.merging import (
     soup_coefficients,
 )
 from adamix_ds.model import adamix_layers, get_config, set_eval_mode
-from adamix_ds.training.merges import compute_merge, hold_out
+from adamix_ds.training.merges import compute_merges, hold_out
 from adamix_ds.training.runtime import DistEnv
 
 from conftest import SHARED_DATA
@@ -63,6 +63,14 @@ def test_greedy_soup_adds_experts_in_score_order_while_the_soup_does_not_get_wor
 
     soup = greedy_soup(model, score)
     assert (soup.order, soup.chosen, soup.score, soup.expert_scores) == ([1, 2, 3, 0], [1, 2, 0], 0.6, single)
+    routings = []  # with each expert's score already known, the soup scores only the 3 candidate soups
+
+    def counted() -> float:
+        routings.append(next(layer for _, layer in adamix_layers(model)).eval_mode)
+        return score()
+
+    known = greedy_soup(model, counted, scores=single)
+    assert routings == ["merged"] * 3 and (known.order, known.chosen, known.score) == (soup.order, soup.chosen, soup.score)
     assert get_config(model).eval_mode == "merged" and _soup_members(model) == frozenset(range(EXPERTS))  # restored
     set_merge(model, soup.coefficients)
     for _, layer in adamix_layers(model):
@@ -181,11 +189,13 @@ def test_best_expert_is_the_one_with_the_lowest_held_out_loss_alone(tmp_path):
     assert expert_scores(model, lambda: -evaluate_loss(model, holdout, family, 2, ONE_PROCESS)) == pytest.approx([-x for x in losses])
     best = losses.index(min(losses))
 
-    coefficients, record = compute_merge("best_expert", model, family, data.train, holdout, 2, ONE_PROCESS, fisher_batches=1)
+    merges = compute_merges(["best_expert", "greedy_soup"], model, family, data.train, holdout, 2, ONE_PROCESS, fisher_batches=1)
+    coefficients, record = merges["best_expert"]
     assert record["chosen"] == [best] and record["score"] == pytest.approx(-losses[best])
+    assert merges["greedy_soup"][1]["expert_scores"] == record["expert_scores"] and merges["greedy_soup"][1]["chosen"][0] == best
     assert record["selection_split"] == "holdout: the last 4 training examples, removed before training"
     assert get_config(model).eval_mode == "merged"  # restored
     set_merge(model, coefficients)
     assert evaluate_loss(model, holdout, family, 2, ONE_PROCESS) == pytest.approx(losses[best], rel=1e-5)
     with pytest.raises(ValueError, match="best_expert needs a held-out split"):
-        compute_merge("best_expert", model, family, data.train, None, 2, ONE_PROCESS, fisher_batches=1)
+        compute_merges(["best_expert"], model, family, data.train, None, 2, ONE_PROCESS, fisher_batches=1)

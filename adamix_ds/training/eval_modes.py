@@ -64,14 +64,14 @@ def evaluate_modes(
 ) -> dict[str, Any]:
     """Evaluate ``engine`` (an engine, or an AdaMix model) under each routing of ``modes`` on every eval split,
     through ``family`` (its batches, logits and metrics). A merge mode (``MERGE_MODES``) evaluates
-    ``merges[mode]``'s coefficients (``adamix_ds.training.merges.compute_merge``) and reports its record.
+    ``merges[mode]``'s coefficients (``adamix_ds.training.merges.compute_merges``) and reports its record.
 
     The model's own eval mode, merge and random-routing counters are restored afterwards, so a run that calls
     this at its end saves the same adapter and checkpoint as one that does not.
     """
     missing = [mode for mode in modes if mode in MERGE_MODES and mode not in (merges or {})]
     if missing:
-        raise ValueError(f"eval_modes {', '.join(missing)} need their merge computed first (compute_merge)")
+        raise ValueError(f"eval_modes {', '.join(missing)} need their merge computed first (compute_merges)")
     if random_draws < 1:
         raise ValueError(f"random_draws={random_draws} is invalid: allowed an integer >= 1")
     model = getattr(engine, "module", engine)

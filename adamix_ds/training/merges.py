@@ -8,6 +8,7 @@ training: a soup never selects on data it trained on or on the split it is score
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -43,8 +44,8 @@ def selection_split(count: int) -> str:
     return f"holdout: the last {count} training examples, removed before training"
 
 
-def compute_merge(
-    name: str,
+def compute_merges(
+    names: Sequence[str],
     engine: DeepSpeedEngine | nn.Module,
     family: TaskFamily,
     train: datasets.Dataset,
@@ -52,26 +53,36 @@ def compute_merge(
     batch_size: int,
     env: DistEnv,
     fisher_batches: int,
-) -> tuple[Coefficients, dict[str, Any]]:
-    """The coefficients of merge ``name`` (one of ``MERGE_MODES``) for ``engine``'s experts, and a record of what it
-    chose (JSON). The greedy soup and the best expert score the negative task loss on ``holdout``; Fisher uses the
-    first ``fisher_batches`` batches of ``batch_size`` examples of ``train`` (the same on every rank)."""
+) -> dict[str, tuple[Coefficients, dict[str, Any]]]:
+    """Per merge of ``names`` (each one of ``MERGE_MODES``): its coefficients for ``engine``'s experts and a record of
+    what it chose (JSON). The greedy soup and the best expert score the negative task loss on ``holdout``, each
+    expert scored once for both; Fisher uses the first ``fisher_batches`` batches of ``batch_size`` examples of
+    ``train`` (the same on every rank)."""
+    bad = [name for name in names if name not in MERGE_MODES]
+    if bad:
+        raise ValueError(f"merge={bad[0]!r} is invalid: allowed {', '.join(MERGE_MODES)}")
     model = getattr(engine, "module", engine)
-    if name in HELD_OUT_MERGES:
+    merges: dict[str, tuple[Coefficients, dict[str, Any]]] = {}
+    selecting = [name for name in names if name in HELD_OUT_MERGES]
+    if selecting:
         if holdout is None:
-            raise ValueError(f"{name} needs a held-out split: train with --holdout_samples N")
+            raise ValueError(f"{selecting[0]} needs a held-out split: train with --holdout_samples N")
         selection = {"selection_split": selection_split(len(holdout)), "selected_by": "negative task loss"}
 
         def score() -> float:
             return -evaluate_loss(engine, holdout, family, batch_size, env)
 
-        if name == "greedy_soup":
-            soup = greedy_soup(model, score)
-            return soup.coefficients, {**selection, **soup.summary()}
         scores = expert_scores(model, score)
-        best = scores.index(max(scores))  # ties: the lower index
-        return soup_coefficients(model, [best]), {**selection, "expert_scores": scores, "chosen": [best], "score": scores[best]}
-    if name == "fisher":
+        if "best_expert" in selecting:
+            best = scores.index(max(scores))  # ties: the lower index
+            merges["best_expert"] = (
+                soup_coefficients(model, [best]),
+                {**selection, "expert_scores": scores, "chosen": [best], "score": scores[best]},
+            )
+        if "greedy_soup" in selecting:
+            soup = greedy_soup(model, score, scores)
+            merges["greedy_soup"] = soup.coefficients, {**selection, **soup.summary()}
+    if "fisher" in names:
         if fisher_batches < 1:
             raise ValueError(f"fisher_batches={fisher_batches} is invalid: allowed an integer >= 1")
         count = min(len(train), fisher_batches * batch_size)
@@ -82,5 +93,5 @@ def compute_merge(
             return family.loss(family.logits(module, {k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
 
         fisher = fisher_diagonals(model, batches, loss)
-        return fisher_coefficients(fisher), {"fisher_batches": len(batches), "batch_size": batch_size, "examples": count}
-    raise ValueError(f"merge={name!r} is invalid: allowed {', '.join(MERGE_MODES)}")
+        merges["fisher"] = fisher_coefficients(fisher), {"fisher_batches": len(batches), "batch_size": batch_size, "examples": count}
+    return merges
