@@ -49,6 +49,26 @@ def set_merge(model: nn.Module, coefficients: Coefficients | None) -> None:
         layer.set_merge_coefficients(None if coefficients is None else coefficients[name])
 
 
+def same_merge(first: Coefficients | None, second: Coefficients | None) -> bool:
+    """Whether two merges weight every expert parameter alike (a model merged either way computes the same)."""
+    if first is None or second is None:
+        return first is second
+    if first.keys() != second.keys():
+        return False
+    for name, entries in first.items():
+        others = second[name]
+        if entries is None or others is None:
+            if entries is not others:
+                return False
+            continue
+        if len(entries) != len(others):
+            return False
+        for mine, theirs in zip(entries, others, strict=True):
+            if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine, theirs)):
+                return False
+    return True
+
+
 def _routed(layer: nn.Module) -> list[bool]:
     """Per expert parameter of ``layer``: whether it belongs to a routed projection."""
     routed = {id(p) for projection in Projection if layer.experts_in(projection) > 1 for p in layer.projection_parameters(projection)}

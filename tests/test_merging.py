@@ -19,10 +19,12 @@ from adamix_ds.merging import (
     fisher_coefficients,
     fisher_diagonals,
     greedy_soup,
+    same_merge,
     set_merge,
     soup_coefficients,
 )
 from adamix_ds.model import adamix_layers, get_config, set_eval_mode
+from adamix_ds.training.eval_modes import evaluate_modes
 from adamix_ds.training.merges import compute_merges, hold_out
 from adamix_ds.training.runtime import DistEnv
 
@@ -199,3 +201,26 @@ def test_best_expert_is_the_one_with_the_lowest_held_out_loss_alone(tmp_path):
     assert evaluate_loss(model, holdout, family, 2, ONE_PROCESS) == pytest.approx(losses[best], rel=1e-5)
     with pytest.raises(ValueError, match="best_expert needs a held-out split"):
         compute_merges(["best_expert"], model, family, data.train, None, 2, ONE_PROCESS, fisher_batches=1)
+
+
+def test_two_modes_that_chose_the_same_merge_are_evaluated_once(monkeypatch):
+    import adamix_ds.training.eval_modes as eval_modes
+
+    model = _model()
+    one, two = soup_coefficients(model, [1]), soup_coefficients(model, [0, 2])
+    assert same_merge(one, soup_coefficients(model, [1])) and not same_merge(one, two) and not same_merge(one, None)
+    batch = token_batch()
+    del batch["labels"]
+    scored = []
+
+    def scores(engine, *args) -> dict[str, float]:  # stands in for a decode: what the model computes, counted
+        scored.append(1)
+        with torch.no_grad():
+            return {"eval_output": float(engine(**batch).logits.sum())}
+
+    monkeypatch.setattr(eval_modes, "evaluate_splits", scores)
+    merges = {"best_expert": (one, {"chosen": [1]}), "greedy_soup": (one, {"chosen": [1]}), "fisher": (two, {})}
+    results = evaluate_modes(model, None, None, 2, ONE_PROCESS, ("best_expert", "greedy_soup", "fisher"), merges=merges)
+    assert len(scored) == 2 and results["greedy_soup"] == results["best_expert"] != results["fisher"]
+    set_eval_mode(model, "fixed", eval_route=expert_route(model, 1))  # what the one-expert merge computes
+    assert results["best_expert"]["eval_output"] == pytest.approx(scores(model)["eval_output"], rel=1e-5)

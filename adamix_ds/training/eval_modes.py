@@ -21,7 +21,7 @@ from torch import nn
 
 from adamix_ds.config import EVAL_MODES
 from adamix_ds.data import TaskData
-from adamix_ds.merging import Coefficients, set_merge
+from adamix_ds.merging import Coefficients, same_merge, set_merge
 from adamix_ds.model import adamix_layers, get_config, set_eval_mode
 from adamix_ds.routing import Projection
 from adamix_ds.training.data import evaluate_splits
@@ -64,7 +64,8 @@ def evaluate_modes(
 ) -> dict[str, Any]:
     """Evaluate ``engine`` (an engine, or an AdaMix model) under each routing of ``modes`` on every eval split,
     through ``family`` (its batches, logits and metrics). A merge mode (``MERGE_MODES``) evaluates
-    ``merges[mode]``'s coefficients (``adamix_ds.training.merges.compute_merges``) and reports its record.
+    ``merges[mode]``'s coefficients (``adamix_ds.training.merges.compute_merges``) and reports its record; two merge
+    modes that chose the same merge (a greedy soup of the best expert alone) are evaluated once.
 
     The model's own eval mode, merge and random-routing counters are restored afterwards, so a run that calls
     this at its end saves the same adapter and checkpoint as one that does not.
@@ -85,6 +86,7 @@ def evaluate_modes(
         return evaluate_splits(engine, task_data, family, batch_size, env)
 
     results: dict[str, Any] = {}
+    merges_scored: list[tuple[Coefficients, dict[str, float]]] = []  # a merge another mode chose too is scored once
     try:
         for mode in modes:
             if mode in ("merged", "ensemble"):
@@ -92,10 +94,14 @@ def evaluate_modes(
                 results[mode] = scores()
             elif mode in MERGE_MODES:
                 coefficients, record = merges[mode]
-                set_merge(model, coefficients)
-                set_eval_mode(model, "merged")
-                results[mode] = {**record, **scores()}
-                set_merge(model, previous)
+                known = next((metrics for other, metrics in merges_scored if same_merge(other, coefficients)), None)
+                if known is None:
+                    set_merge(model, coefficients)
+                    set_eval_mode(model, "merged")
+                    known = scores()
+                    set_merge(model, previous)
+                    merges_scored.append((coefficients, known))
+                results[mode] = {**record, **known}
             elif mode == "fixed":
                 results[mode] = []
                 for down, up in itertools.product(range(n_down), range(n_up)):
