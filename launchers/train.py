@@ -311,7 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     if run.adamix.merge != "uniform":
         coefficients, record = merged[run.adamix.merge]
         set_merge(engine.module, coefficients)
-        merge_summary = {"merge": run.adamix.merge, **record, **evaluate_splits(engine, data, family, args.per_device_eval_batch_size, env)}
+        # A merge also evaluated as a mode keeps those scores: the same coefficients, not decoded twice.
+        scores = (
+            routings[run.adamix.merge]
+            if run.adamix.merge in modes
+            else evaluate_splits(engine, data, family, args.per_device_eval_batch_size, env)
+        )
+        merge_summary = {"merge": run.adamix.merge, **record, **scores}
         logger.info("merge %s: %s", run.adamix.merge, json.dumps(merge_summary))
     if saved_step != step:
         save_checkpoint(engine, output_dir, state, args.save_total_limit)
