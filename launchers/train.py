@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics: dict[str, float] = {}
     stop = False  # set on every rank at once when any rank got the preemption signal
     window = torch.zeros(3)  # task loss, consistency loss, micro-batches since the last log line
-    last_logs: dict[str, float] = {}  # the last log line's losses, what metrics.json reports as the final ones
+    last_task_loss: float | None = None  # the last log line's, what metrics.json reports as the final one
     window_start = train_start = time.perf_counter()
     engine.train()
     with (
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
                         "train_samples_per_second": count * args.per_device_train_batch_size / elapsed,
                     }
                     log_events(logs, step)
-                    last_logs = logs
+                    last_task_loss = logs["train_task_loss"]
                     bar.set_postfix(loss=f"{logs['train_loss']:.4f}", lr=f"{logs['train_learning_rate']:.2e}")
                     window.zero_()
                     window_start = time.perf_counter()
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         "merge": merge_summary,  # adapter/'s merge when not the uniform average, with its scores
         "train_runtime": train_runtime,
         # The last log line's mean task loss over its micro-batches (AdaMix: under random routing, with dropout).
-        "train_task_loss": last_logs.get("train_task_loss"),
+        "train_task_loss": last_task_loss,
         "holdout_loss": holdout_loss,
         "train_samples": trained_samples,
         "train_samples_per_second": trained_samples / train_runtime if train_runtime > 0 else 0.0,
