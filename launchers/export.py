@@ -20,7 +20,6 @@ from pathlib import Path
 
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.hub import push_folder
-from adamix_ds.inference import load_for_inference
 from adamix_ds.io import export_peft, export_transformers, save_adapter
 from adamix_ds.training import dist_env, setup_logging, usage_errors
 from adamix_ds.training.inference_arguments import parse_export_args
@@ -43,14 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"format={export.format} cannot hold a {config.adapter_type} adapter (it cannot be folded: an activation sits between "
                 f"its projections): allowed {', '.join(FORMATS[config.adapter_type])}"
             )
-        adapter = load_for_inference(
-            args.adapter_name_or_path,
-            args.base_model_name_or_path,
-            task_name=args.task_name,
-            max_seq_length=args.max_seq_length,
-            tokenizer_name=args.tokenizer_name,
-            dtype=args.dtype,
-        )
+        adapter = args.load()
         output = Path(export.output_dir)
         if export.format == "transformers":
             export_transformers(adapter.model, output, adapter.tokenizer)

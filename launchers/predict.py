@@ -28,7 +28,6 @@ import torch
 
 from adamix_ds.data import GLUE_TASKS
 from adamix_ds.data.inputs import GLUE_SUBMISSION, read_input_file, read_task_split, submission_lines
-from adamix_ds.inference import load_for_inference
 from adamix_ds.io import write_atomically
 from adamix_ds.training import (
     configure_threads,
@@ -51,18 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         run = parse_predict_args(argv)
         args, options = run.adapter, run.predict
         device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        adapter = load_for_inference(
-            args.adapter_name_or_path,
-            args.base_model_name_or_path,
-            task_name=args.task_name,
-            max_seq_length=args.max_seq_length,
-            tokenizer_name=args.tokenizer_name,
-            eval_mode=args.eval_mode,
-            eval_expert=args.eval_expert,
-            decoding=run.generation,
-            device=device,
-            dtype=args.dtype,
-        )
+        adapter = args.load(decoding=run.generation, device=device)
         spec = adapter.family.spec
         # Every input is read before anything is predicted: a missing split or column fails in seconds.
         if options.glue_submission is not None:

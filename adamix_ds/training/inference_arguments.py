@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adamix_ds.config import EVAL_MODES
+from adamix_ds.inference import LoadedAdapter, load_for_inference
 from adamix_ds.training.arguments import GenerationArguments, _Parser
 
 __all__ = ["AdapterArguments", "ExportArguments", "PredictArguments", "parse_export_args", "parse_predict_args"]
@@ -38,6 +39,20 @@ class AdapterArguments:
     )
     eval_expert: int = field(default=0, metadata={"help": "The expert of every projection that --eval_mode fixed uses."})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "Precision of the model."})
+
+    def load(self, **options: Any) -> LoadedAdapter:
+        """``load_for_inference`` with these flags; ``options`` (``decoding``, ``device``) pass through."""
+        return load_for_inference(
+            self.adapter_name_or_path,
+            self.base_model_name_or_path,
+            task_name=self.task_name,
+            max_seq_length=self.max_seq_length,
+            tokenizer_name=self.tokenizer_name,
+            eval_mode=self.eval_mode,
+            eval_expert=self.eval_expert,
+            dtype=self.dtype,
+            **options,
+        )
 
 
 @dataclass
