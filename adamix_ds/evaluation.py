@@ -4,7 +4,8 @@ every rank runs the same number of forward passes, and the shards are gathered b
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -12,14 +13,26 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from adamix_ds.distributed import DistEnv
+
 if TYPE_CHECKING:
     import datasets
     from deepspeed import DeepSpeedEngine
 
-    from adamix_ds.families import TaskFamily
-    from adamix_ds.training.runtime import DistEnv
+__all__ = ["ScoredFamily", "eval_shard", "evaluate_logits", "evaluate_loss", "gather_shards", "sharded_logits"]
 
-__all__ = ["eval_shard", "evaluate_logits", "evaluate_loss", "gather_shards", "sharded_logits"]
+
+class ScoredFamily(Protocol):
+    """What evaluation needs of a task family: ``adamix_ds.families.TaskFamily`` is one. Declared here, where
+    evaluation is, so that the families, which evaluate with these functions, are not imported back."""
+
+    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]: ...
+
+    def logits(self, model: Callable[..., Any], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]: ...
 
 
 def eval_shard(count: int, env: DistEnv) -> tuple[list[int], list[int]]:
@@ -44,7 +57,7 @@ def gather_shards(local: object, env: DistEnv) -> list:
 def sharded_logits(
     engine: DeepSpeedEngine | nn.Module,
     dataset: datasets.Dataset,
-    family: TaskFamily,
+    family: ScoredFamily,
     batch_size: int,
     env: DistEnv,
     progress: bool = False,
@@ -70,7 +83,7 @@ def sharded_logits(
 
 
 def evaluate_logits(
-    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, family: TaskFamily, batch_size: int, env: DistEnv
+    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, family: ScoredFamily, batch_size: int, env: DistEnv
 ) -> dict[str, float]:
     """The task metrics of ``engine`` (a DeepSpeed engine, or a plain model on every rank) on ``dataset``
     (keys without prefix, plus ``loss``), the same on every rank: ``family`` batches the examples, gives
@@ -82,7 +95,7 @@ def evaluate_logits(
 
 @torch.no_grad()
 def evaluate_loss(
-    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, family: TaskFamily, batch_size: int, env: DistEnv
+    engine: DeepSpeedEngine | nn.Module, dataset: datasets.Dataset, family: ScoredFamily, batch_size: int, env: DistEnv
 ) -> float:
     """The mean per-example task loss (``family.loss``, the training objective without consistency) of ``engine``
     on ``dataset``, the same on every rank; sharded like ``evaluate_logits``, each example counted once. For

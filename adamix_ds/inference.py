@@ -27,12 +27,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from adamix_ds.config import EVAL_MODES, AdaMixConfig
 from adamix_ds.data import GenerationTaskSpec, get_task_spec
+from adamix_ds.distributed import DistEnv, dist_env
 from adamix_ds.families import Decoding, SequenceClassification, TaskFamily, build_family, record_arguments
 from adamix_ds.io import load_adapter, read_task_record
 from adamix_ds.manifest import has_manifest, verify_manifest
 from adamix_ds.model import merge_adamix, set_eval_mode
 from adamix_ds.training.arguments import resolve_model_path
-from adamix_ds.training.runtime import DistEnv, dist_env
 
 __all__ = ["DTYPES", "LoadedAdapter", "load_for_inference"]
 

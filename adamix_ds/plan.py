@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> None:
     # The planner never runs DeepSpeed; naming the accelerator keeps DeepSpeed's auto-detect warning (printed when
     # the launcher's argument module imports it) out of the one-line error.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from adamix_ds.training.runtime import dist_env, usage_errors
+    from adamix_ds.distributed import dist_env
+    from adamix_ds.training.runtime import usage_errors
 
     with usage_errors(dist_env(), prog="plan"):
         args, model, settings, stages = parse(list(sys.argv[1:] if argv is None else argv))

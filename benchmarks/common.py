@@ -33,9 +33,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from adamix_ds import AdaMixConfig, add_adamix
 from adamix_ds.data import read_glue_folder
+from adamix_ds.distributed import dist_env
 from adamix_ds.layer import AdaMixLayer, AdaMixLoRA, base_features
 from adamix_ds.plan import PUBLISHED_CONFIGS
-from adamix_ds.training.runtime import dist_env, usage_errors
+from adamix_ds.training.runtime import usage_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / "benchmarks"

@@ -23,8 +23,8 @@ from typing import Any
 
 from adamix_ds.data import get_task_spec
 from adamix_ds.data.inputs import read_task_split
+from adamix_ds.distributed import DistEnv
 from adamix_ds.inference import load_for_inference
-from adamix_ds.training.runtime import DistEnv
 
 from common import REPO_ROOT, RESULTS_DIR, cli, environment, markdown_table, median_ratio, timed_rounds, write_results
 

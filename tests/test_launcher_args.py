@@ -13,10 +13,10 @@ import shutil
 
 import pytest
 
+from adamix_ds.distributed import DistEnv
 from adamix_ds.training import TrainSchedule, adamix_config, build_ds_config, check_cuda_arch_list, parse_args, step_seed
 from adamix_ds.training.arguments import DEFAULT_MODEL, DEMO_PRESET
 from adamix_ds.training.data import ResumableSampler
-from adamix_ds.training.runtime import DistEnv
 
 from conftest import REPO_ROOT, SHARED_DATA
 

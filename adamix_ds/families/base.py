@@ -25,12 +25,12 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from adamix_ds.consistency import AdaMixLoss, adamix_loss
 from adamix_ds.data import GenerationTaskSpec, TaskData, TaskSpec, load_task, tokenizer_encoder
 from adamix_ds.data.glue import Encoder
+from adamix_ds.distributed import DistEnv
 from adamix_ds.evaluation import evaluate_logits, sharded_logits
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-    from adamix_ds.training.runtime import DistEnv
 
 __all__ = ["TaskFamily", "backbone_dropout"]
 

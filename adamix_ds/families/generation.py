@@ -45,6 +45,7 @@ from transformers import (
 from adamix_ds.data import GenerationTaskSpec, TaskData
 from adamix_ds.data.e2e import E2EGroup, group_pairs, read_e2e, read_e2e_pairs
 from adamix_ds.data.generation_metrics import E2EScorer
+from adamix_ds.distributed import DistEnv
 from adamix_ds.evaluation import eval_shard, gather_shards
 from adamix_ds.families.base import Batch, TaskFamily
 from adamix_ds.families.prompt import lm_kind, load_language_model
@@ -53,7 +54,6 @@ from adamix_ds.io import write_atomically
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-    from adamix_ds.training.runtime import DistEnv
 
 __all__ = ["CausalLMGeneration", "Decoding", "GeneratedNoRepeatNGram"]
 

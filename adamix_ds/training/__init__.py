@@ -1,6 +1,7 @@
 """Reusable pieces of the DeepSpeed launcher (``launchers/train.py``): arguments, the DeepSpeed config
 builder, expert optimizer semantics inside DeepSpeed, checkpoints and evaluation."""
 
+from adamix_ds.distributed import DistEnv, dist_env
 from adamix_ds.evaluation import eval_shard, evaluate_logits, gather_shards
 from adamix_ds.training.arguments import (
     AdaMixArguments,
@@ -28,9 +29,7 @@ from adamix_ds.training.data import ResumableSampler, evaluate_splits, train_loa
 from adamix_ds.training.ds_config import build_ds_config, check_cuda_arch_list, read_ds_config, scale_group_learning_rates, zero_stage
 from adamix_ds.training.optimizer import DeepSpeedOptimizerAccess
 from adamix_ds.training.runtime import (
-    DistEnv,
     configure_threads,
-    dist_env,
     init_distributed,
     setup_logging,
     shutdown_distributed,

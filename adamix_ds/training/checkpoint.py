@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 from torch import nn
 
+from adamix_ds.distributed import dist_env
 from adamix_ds.io import atomic_directory, gathered, save_adapter, write_atomically
 from adamix_ds.manifest import MANIFEST_NAME, verify_manifest, write_manifest
-from adamix_ds.training.runtime import dist_env, logger
+from adamix_ds.training.runtime import logger
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from adamix_ds.data import TaskData
-from adamix_ds.training.runtime import DistEnv
+from adamix_ds.distributed import DistEnv
 
 if TYPE_CHECKING:
     import datasets

@@ -21,12 +21,12 @@ from torch import nn
 
 from adamix_ds.config import EVAL_MODES
 from adamix_ds.data import TaskData
+from adamix_ds.distributed import DistEnv
 from adamix_ds.merging import Coefficients, same_merge, set_merge
 from adamix_ds.model import adamix_layers, get_config, set_eval_mode
 from adamix_ds.routing import Projection
 from adamix_ds.training.data import evaluate_splits
 from adamix_ds.training.merges import MERGE_MODES
-from adamix_ds.training.runtime import DistEnv
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from adamix_ds.data import TaskData
+from adamix_ds.distributed import DistEnv
 from adamix_ds.evaluation import evaluate_loss
 from adamix_ds.merging import Coefficients, expert_scores, fisher_coefficients, fisher_diagonals, greedy_soup, soup_coefficients
-from adamix_ds.training.runtime import DistEnv
 
 if TYPE_CHECKING:
     import datasets

@@ -1,4 +1,4 @@
-"""Process setup: which rank this is, starting torch.distributed, threads, logging, seeds, input errors."""
+"""Process setup: starting torch.distributed, threads, logging, seeds, input errors (the rank itself: ``adamix_ds.distributed``)."""
 
 from __future__ import annotations
 
@@ -9,40 +9,16 @@ import socket
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from adamix_ds.distributed import DistEnv
 
 logger = logging.getLogger("adamix_ds.train")
 
 # Exit status of a run refused for bad input (the same as argparse's for a bad flag).
 USAGE_ERROR = 2
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place in the job, read from the environment the launcher set."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    local_world_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_env() -> DistEnv:
-    """Rank and world size from ``deepspeed``/``torchrun`` variables; one process when started by ``python``."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    return DistEnv(
-        rank=int(os.environ.get("RANK", 0)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        world_size=world_size,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size))),
-    )
 
 
 def init_distributed(env: DistEnv) -> None:
