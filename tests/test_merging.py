@@ -11,6 +11,7 @@ import torch
 
 from adamix_ds import AdaMixConfig, add_adamix, load_adapter, save_adapter
 from adamix_ds.data import get_task_spec
+from adamix_ds.distributed import DistEnv
 from adamix_ds.evaluation import evaluate_loss
 from adamix_ds.families import Decoding, build_family
 from adamix_ds.merging import (
@@ -26,7 +27,6 @@ from adamix_ds.merging import (
 from adamix_ds.model import adamix_layers, get_config, set_eval_mode
 from adamix_ds.training.eval_modes import evaluate_modes
 from adamix_ds.training.merges import compute_merges, hold_out
-from adamix_ds.training.runtime import DistEnv
 
 from conftest import SHARED_DATA
 from tiny_models import tiny_classifier, token_batch
@@ -50,6 +50,15 @@ def _soup_members(model) -> frozenset[int]:
     if coefficients is None:
         return frozenset(range(EXPERTS))
     return frozenset(int(k) for k in torch.nonzero(coefficients[0].flatten()).flatten())
+
+
+def _tiny_e2e_family(folder):
+    """The E2E generation family on a tiny random GPT-2 saved in ``folder`` (its ``load_model`` path)."""
+    from test_generation import tiny_gpt2
+    from test_prompts import gpt2_tokenizer
+
+    tiny_gpt2().save_pretrained(folder)
+    return build_family(get_task_spec("e2e_nlg"), gpt2_tokenizer(), 64, str(folder), decoding=Decoding(max_new_tokens=8))
 
 
 def test_greedy_soup_adds_experts_in_score_order_while_the_soup_does_not_get_worse():
@@ -155,11 +164,7 @@ def test_the_held_out_split_is_the_last_training_rows_and_disjoint_from_training
 
 
 def test_held_out_loss_of_a_generation_family_is_the_mean_token_loss_per_example(tmp_path):
-    from test_generation import tiny_gpt2
-    from test_prompts import gpt2_tokenizer
-
-    tiny_gpt2().save_pretrained(tmp_path)
-    family = build_family(get_task_spec("e2e_nlg"), gpt2_tokenizer(), 64, str(tmp_path), decoding=Decoding(max_new_tokens=8))
+    family = _tiny_e2e_family(tmp_path)
     data = family.load_data(SHARED_DATA / "e2e", max_train_samples=5, max_eval_samples=2)
     model = add_adamix(family.load_model(str(tmp_path)), AdaMixConfig(adapter_type="lora", bottleneck_dim=4, num_experts=2)).eval()
     collate = family.collator()
@@ -172,11 +177,7 @@ def test_held_out_loss_of_a_generation_family_is_the_mean_token_loss_per_example
 
 
 def test_best_expert_is_the_one_with_the_lowest_held_out_loss_alone(tmp_path):
-    from test_generation import tiny_gpt2
-    from test_prompts import gpt2_tokenizer
-
-    tiny_gpt2().save_pretrained(tmp_path)
-    family = build_family(get_task_spec("e2e_nlg"), gpt2_tokenizer(), 64, str(tmp_path), decoding=Decoding(max_new_tokens=8))
+    family = _tiny_e2e_family(tmp_path)
     data, holdout = hold_out(family.load_data(SHARED_DATA / "e2e", max_train_samples=12, max_eval_samples=2), 4)
     model = add_adamix(family.load_model(str(tmp_path)), AdaMixConfig(adapter_type="lora", bottleneck_dim=4, num_experts=3)).eval()
     with torch.no_grad():
