@@ -140,15 +140,14 @@ def routed_expert_parameters(model: nn.Module) -> set[nn.Parameter]:
 
 
 def adamw_param_groups(
-    model: nn.Module, weight_decay: float, expert_lr_scale: float = 1.0, decay_biases: bool = False
+    model: nn.Module, lr: float, weight_decay: float, expert_lr_scale: float = 1.0, decay_biases: bool = False
 ) -> list[dict[str, Any]]:
     """The trainable parameters in the recipe's groups: weight decay on weights, none on biases and other 1-D
     parameters (``run_glue.py``'s grouping), or on every parameter with ``decay_biases`` (the reference E2E code's).
 
-    Every group has an ``lr_scale``, its learning rate's multiple of the run's: ``expert_lr_scale`` for the
-    routed experts (``routed_expert_parameters``), which then form groups of their own, 1 for the rest.
-    Also what a DeepSpeed engine takes as ``model_parameters`` for the optimizer of its config
-    (``adamix_ds.training.ds_config.scale_group_learning_rates`` gives its schedule the scales).
+    Every group has its peak learning rate ``lr``: ``lr * expert_lr_scale`` for the routed experts
+    (``routed_expert_parameters``), which then form groups of their own. A learning-rate schedule scales each
+    group's own rate. Also what a DeepSpeed engine takes as ``model_parameters`` for the optimizer of its config.
     """
     experts = routed_expert_parameters(model) if expert_lr_scale != 1 else set()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}  # (routed expert, undecayed) -> parameters
@@ -157,7 +156,7 @@ def adamw_param_groups(
             undecayed = not decay_biases and (name.endswith("bias") or param.dim() < 2)
             groups.setdefault((param in experts, undecayed), []).append(param)
     return [
-        {"params": groups[key], "weight_decay": 0.0 if key[1] else weight_decay, "lr_scale": expert_lr_scale if key[0] else 1.0}
+        {"params": groups[key], "lr": lr * expert_lr_scale if key[0] else lr, "weight_decay": 0.0 if key[1] else weight_decay}
         for key in sorted(groups)  # decayed before undecayed, then the experts' groups: one order on every rank
     ]
 
@@ -166,4 +165,4 @@ def build_adamw(
     model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters with the recipe's grouping: no decay on biases."""
-    return torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(adamw_param_groups(model, lr, weight_decay), betas=betas, eps=eps)

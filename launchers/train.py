@@ -48,6 +48,7 @@ from adamix_ds.hub import push_folder
 from adamix_ds.merging import set_merge
 from adamix_ds.optim import adamw_param_groups
 from adamix_ds.training import (
+    LR_SCHEDULE,
     DeepSpeedOptimizerAccess,
     TrainerState,
     TrainSchedule,
@@ -66,7 +67,6 @@ from adamix_ds.training import (
     resolve_model_path,
     save_checkpoint,
     save_model,
-    scale_group_learning_rates,
     setup_logging,
     shutdown_distributed,
     step_seed,
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             args.warmup_ratio,
             args.warmup_steps,
         )
-        ds_config = build_ds_config(args.deepspeed, args, env.world_size, schedule, job_name=output_dir.name)
+        ds_config = build_ds_config(args.deepspeed, args, env.world_size, job_name=output_dir.name)
         modes = () if run.adamix.eval_modes is None else parse_eval_modes(run.adamix.eval_modes)
         merges = sorted({mode for mode in modes if mode in MERGE_MODES} | {run.adamix.merge} - {"uniform"})
         if "fisher" in merges and zero_stage(ds_config) == 3:
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             "train_samples": len(data.train),
             "seed": args.seed,
             "total_steps": schedule.total_steps,
+            "lr_schedule": LR_SCHEDULE,
             "zero_stage": zero_stage(ds_config),
         }
         state = TrainerState(layout=layout, trainable=trainable_shapes(model))
@@ -159,12 +160,14 @@ def main(argv: list[str] | None = None) -> None:
             state = TrainerState.load(checkpoint)
             check_resumable(checkpoint, state, layout, trainable_shapes(model), args.elastic_resume)
 
-    # -- DeepSpeed: the engine owns the optimizer and schedule of the config; the guard gives experts that
-    # no pass routed to since the last step the semantics --unrouted_experts names (the paper's runs' by default).
+    # -- DeepSpeed: the engine owns the optimizer of the config and steps the reference's lr schedule; the guard
+    # gives experts that no pass routed to since the last step the semantics --unrouted_experts names (the
+    # paper's runs' by default).
     init_distributed(env)
-    param_groups = adamw_param_groups(model, args.weight_decay, run.adamix.expert_lr_scale, args.decay_biases)
-    ds_config = scale_group_learning_rates(ds_config, param_groups)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config)
+    param_groups = adamw_param_groups(model, args.learning_rate, args.weight_decay, run.adamix.expert_lr_scale, args.decay_biases)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=schedule.lr_scheduler
+    )
     guard = ExpertStepGuard(engine.module, DeepSpeedOptimizerAccess(engine), run.adamix.unrouted_experts)
     preemption = PreemptionSignal(engine.device)  # Slurm's SIGUSR1 before the time limit (launchers/slurm/)
     elastic = None
@@ -200,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_batch_size": ds_config["train_batch_size"],
         "total_steps": schedule.total_steps,
         "warmup_steps": schedule.warmup_steps,
+        "lr_scheduler_type": LR_SCHEDULE,
         "weight_decay": args.weight_decay,
         "world_size": env.world_size,
         "zero_stage": zero_stage(ds_config),

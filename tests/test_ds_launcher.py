@@ -233,20 +233,19 @@ def test_sigkilled_zero2_run_resumes_to_the_same_adapter(tmp_path):
 
 def test_expert_lr_scale_reaches_the_optimizer_groups_of_every_zero2_rank(tmp_path):
     """--expert_lr_scale: the routed experts (the down projections; up is shared) train in optimizer groups of
-    their own, whose learning rate DeepSpeed's schedule keeps at that multiple of the others' on every rank."""
+    their own, whose learning rate the schedule keeps at that multiple of the others' on every rank."""
     output_dir = tmp_path / "scaled"
     scale = 4.0
-    args = [*COMMON, "--output_dir", str(output_dir), "--expert_lr_scale", str(scale), "--max_steps", "2", "--eval_strategy", "no"]
+    args = [*COMMON, "--output_dir", str(output_dir), "--expert_lr_scale", str(scale), "--max_steps", "3", "--eval_strategy", "no"]
     completed = _run("deepspeed", [*args, "--deepspeed", "ds_configs/zero2.json"])
     assert completed.returncode == 0, completed.stderr[-5000:]
-    schedule = json.loads((output_dir / "run_config.json").read_text())["deepspeed"]["scheduler"]["params"]
-    assert schedule["warmup_max_lr"] == [2e-3, 2e-3, 2e-3 * scale, 2e-3 * scale]
     for rank in range(2):
         state = torch.load(output_dir / "checkpoints" / "step-2" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
         groups = state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
         names = state["optimizer_state_dict"]["param_slice_mappings"]
         lrs = [group["lr"] for group in groups]
-        assert lrs[2] == lrs[3] == pytest.approx(scale * lrs[0]) and lrs[0] == lrs[1] > 0
+        # Step 2 of 3, one of warmup: half the peak rate.
+        assert lrs == pytest.approx([1e-3, 1e-3, 1e-3 * scale, 1e-3 * scale])
         scaled = set(names[2]) | set(names[3])
         assert scaled and all(name.endswith(("down_weight", "down_bias")) for name in scaled)
         assert not any(name.endswith(("down_weight", "down_bias")) for name in set(names[0]) | set(names[1]))

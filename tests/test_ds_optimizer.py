@@ -225,7 +225,7 @@ def _run_case(stage: int, precision: str, offload: bool, unrouted: str, seed: in
         "zero_optimization": zero,
         "steps_per_print": 10**6,
     }
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=adamw_param_groups(model, WEIGHT_DECAY), config=config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=adamw_param_groups(model, LR, WEIGHT_DECAY), config=config)
     access = DeepSpeedOptimizerAccess(engine)
     guard = ExpertStepGuard(engine.module, access, unrouted)
     slots = []  # (module param, reference param, layer, projection)

@@ -24,7 +24,7 @@ import torch
 from deepspeed.checkpoint import ds_to_universal
 from safetensors.torch import load_file
 
-from adamix_ds.training import TrainerState, TrainSchedule, check_resumable
+from adamix_ds.training import LR_SCHEDULE, TrainerState, TrainSchedule, check_resumable
 from adamix_ds.training.elastic import elastic_position
 
 from test_ds_launcher import _run
@@ -149,11 +149,10 @@ def test_restored_state_equals_the_saved_state_bit_for_bit(runs, name, tmp_path)
     restored = _universal(runs[name] / "checkpoints" / f"step-{step}", tmp_path / "restored")  # saved again on loading
     _same(restored["tensors"], saved["tensors"], "weights, Adam moments and step")
     _same(restored["counters"], saved["counters"], "routing counters")
-    assert (
-        (restored["lr_scheduler"], restored["global_steps"])
-        == (saved["lr_scheduler"], saved["global_steps"])
-        == ({"last_batch_iteration": step - 1}, step)
-    )
+    assert (restored["lr_scheduler"], restored["global_steps"]) == (saved["lr_scheduler"], saved["global_steps"]) and (
+        saved["lr_scheduler"]["last_epoch"],
+        saved["global_steps"],
+    ) == (step, step)
     assert restored["groups"] == saved["groups"] and [group["weight_decay"] for group in restored["groups"]] == [0.1, 0.0]
     # A restart continues exactly on the new layout: the checkpoint records it, and where the data stands on it.
     trainer_state = TrainerState.load(runs[name] / "checkpoints" / f"step-{step}")
@@ -251,6 +250,7 @@ LAYOUT = {
     "seed": 7,
     "total_steps": 8,
     "zero_stage": 2,
+    "lr_schedule": LR_SCHEDULE,
 }
 
 
@@ -286,6 +286,17 @@ def test_zero0_changes_ranks_but_not_stage_and_an_older_checkpoint_only_resumes_
     _check(older, False)  # written before the layout recorded the ZeRO stage: resumes on its own layout as before
     with pytest.raises(ValueError, match="records no zero_stage"):
         _check(older, True, world_size=1)
+
+
+def test_a_checkpoint_of_deepspeeds_warmup_decay_schedule_does_not_continue_under_the_linear_one():
+    # Its scheduler state ({"last_batch_iteration": n}) is not the linear schedule's: one line, before DeepSpeed
+    # fails to load it on every rank.
+    before = TrainerState(global_step=1, layout={k: v for k, v in LAYOUT.items() if k != "lr_schedule"}, trainable={"w": [2]})
+    for elastic in (False, True):
+        with pytest.raises(
+            ValueError, match=r"under DeepSpeed's WarmupDecayLR schedule, this run has lr_schedule='linear' .* cannot continue"
+        ):
+            _check(before, elastic)
 
 
 def _schedule(layout: dict) -> TrainSchedule:

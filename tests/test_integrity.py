@@ -26,7 +26,7 @@ from adamix_ds.training.checkpoint import SCRATCH_GLOB
 
 from conftest import REPO_ROOT, release_stale_shared_memory, subprocess_env
 from test_ds_launcher import _command, _run
-from test_launcher_args import _launcher, _run_bad, _schedule
+from test_launcher_args import _launcher, _run_bad
 from tiny_models import tiny_classifier
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adamix_config.json"
@@ -148,7 +148,7 @@ def test_adapter_without_manifest_loads_and_damaged_files_are_a_value_error(tmp_
 
 def test_an_output_dir_named_auto_is_a_value_not_a_placeholder(tmp_path):
     run = parse_args(["--task_name", "rte", "--output_dir", str(tmp_path / "auto")])
-    tensorboard = build_ds_config(REPO_ROOT / "ds_configs" / "zero2.json", run.training, 2, _schedule(), job_name="auto")["tensorboard"]
+    tensorboard = build_ds_config(REPO_ROOT / "ds_configs" / "zero2.json", run.training, 2, job_name="auto")["tensorboard"]
     # Not the literal "auto" either, which DeepSpeed itself would drop: the same folder, runs/auto.
     assert os.path.join(tensorboard["output_path"], tensorboard["job_name"]) == str(tmp_path / "auto" / "runs" / "auto") + os.sep
 

@@ -12,6 +12,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from adamix_ds.distributed import DistEnv
 from adamix_ds.training import TrainSchedule, adamix_config, build_ds_config, check_cuda_arch_list, parse_args, step_seed
@@ -123,12 +124,11 @@ def test_shipped_configs_take_every_run_value_from_the_flags(name, tmp_path):
     run = parse_args(
         ["--task_name", "rte", "--bf16", "--learning_rate", "3e-4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path)]
     )
-    config = build_ds_config(REPO_ROOT / "ds_configs" / f"{name}.json", run.training, 4, _schedule(max_steps=50), "job")
+    config = build_ds_config(REPO_ROOT / "ds_configs" / f"{name}.json", run.training, 4, "job")
     assert (
         config["train_micro_batch_size_per_gpu"] == 32 and config["gradient_accumulation_steps"] == 2 and config["train_batch_size"] == 256
     )
-    assert config["optimizer"]["params"]["lr"] == 3e-4 and config["scheduler"]["params"]["total_num_steps"] == 50
-    assert config["scheduler"]["params"]["warmup_num_steps"] == 3
+    assert config["optimizer"]["params"]["lr"] == 3e-4 and "scheduler" not in config  # the launcher's client scheduler
     assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
     assert config["tensorboard"]["output_path"] == str(tmp_path / "runs")
     assert config["zero_optimization"]["stage"] == int(name[4])
@@ -158,7 +158,7 @@ def _config_file(tmp_path, **changes):
         ({"bf16__enabled": True}, "bf16.enabled=true contradicts --bf16"),
         ({"train_batch_size": 30}, "train_batch_size=30 does not divide"),
         ({"train_batch_size": 128}, "train_batch_size=128 means gradient_accumulation_steps=2"),
-        ({"scheduler__type": "WarmupCosineLR"}, "scheduler type 'WarmupCosineLR' is not supported"),
+        ({"scheduler": {"type": "WarmupDecayLR"}}, "a scheduler section is not allowed: the schedule is the reference's linear"),
         ({"zero_optimization__stage": 5}, "DeepSpeed rejects the config"),
         ({"zero_optimization__bogus": 1}, "DeepSpeed rejects the config"),
         ({"steps_per_print": "auto"}, 'steps_per_print="auto" has no flag'),
@@ -167,12 +167,12 @@ def _config_file(tmp_path, **changes):
 def test_a_contradiction_between_file_and_flags_is_an_error(tmp_path, changes, message):
     run = parse_args(["--task_name", "rte", "--per_device_train_batch_size", "32"])
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        build_ds_config(_config_file(tmp_path, **changes), run.training, 2, _schedule(), "job")
+        build_ds_config(_config_file(tmp_path, **changes), run.training, 2, "job")
 
 
 def test_a_file_value_that_agrees_with_the_flags_is_kept(tmp_path):
     run = parse_args(["--task_name", "rte", "--per_device_train_batch_size", "32"])
-    config = build_ds_config(_config_file(tmp_path, train_batch_size=64, optimizer__params__lr=4e-4), run.training, 2, _schedule(), "job")
+    config = build_ds_config(_config_file(tmp_path, train_batch_size=64, optimizer__params__lr=4e-4), run.training, 2, "job")
     assert config["train_batch_size"] == 64 and config["optimizer"]["params"]["lr"] == 4e-4
 
 
@@ -186,6 +186,26 @@ def test_schedule_counts_steps_like_run_glue():
     assert _schedule(max_steps=7, warmup_steps=3).total_steps == 7 and _schedule(max_steps=7, warmup_steps=3).warmup_steps == 3
     with pytest.raises(ValueError, match="gradient_accumulation_steps=20 is larger than the 13 micro-batches"):
         _schedule(gradient_accumulation_steps=20)
+
+
+@pytest.mark.parametrize(
+    ("warmup_steps", "factors"),
+    [(2, [0, 1 / 2, 1, 3 / 4, 2 / 4, 1 / 4]), (0, [1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])],
+)
+def test_lr_schedule_is_the_references_linear_warmup_and_decay_of_every_groups_own_rate(warmup_steps, factors):
+    """transformers' linear schedule, as run_glue.py and LiST's trainer step it: step n trains at lr * n / W during
+    warmup, then lr * (T - n) / (T - W); no warmup trains the first step at the full rate (DeepSpeed's
+    WarmupDecayLR trains it at 0, and the next one too)."""
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([{"params": [weight], "lr": 1e-3}, {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 4e-3}])
+    scheduler = _schedule(max_steps=6, warmup_ratio=0.0, warmup_steps=warmup_steps).lr_scheduler(optimizer)
+    rates = []
+    for _ in range(6):
+        rates += [group["lr"] for group in optimizer.param_groups]  # the rates this step trains at
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([rate for factor in factors for rate in (1e-3 * factor, 4e-3 * factor)])
+    assert [group["lr"] for group in optimizer.param_groups] == [0, 0]
 
 
 def test_sampler_resumes_mid_epoch_in_the_same_order():

@@ -12,11 +12,11 @@ from adamix_ds import AdaMixBottleneck, AdaMixConfig, ExpertStepGuard, TorchOpti
 from adamix_ds.model import adamix_layers
 from adamix_ds.optim import adamw_param_groups
 from adamix_ds.routing import Projection
-from adamix_ds.training import scale_group_learning_rates
 
 from tiny_models import tiny_classifier
 
 EXPERTS, HIDDEN, RANK = 4, 16, 4
+LR = 1.0  # a group's learning rate is then its multiple of the run's
 
 
 def routed_layer() -> AdaMixBottleneck:
@@ -129,8 +129,8 @@ def test_over_many_steps_each_step_touches_only_its_routed_experts():
 def _groups_by_name(model: nn.Module, expert_lr_scale: float) -> list[tuple[float, float, set[str]]]:
     names = {param: name for name, param in model.named_parameters()}
     return [
-        (group["weight_decay"], group["lr_scale"], {names[p] for p in group["params"]})
-        for group in adamw_param_groups(model, 0.1, expert_lr_scale)
+        (group["weight_decay"], group["lr"] / LR, {names[p] for p in group["params"]})
+        for group in adamw_param_groups(model, LR, 0.1, expert_lr_scale)
     ]
 
 
@@ -141,10 +141,12 @@ def test_param_groups_without_scaling_are_the_recipes_two():
     assert weights | biases == {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(name.endswith("bias") for name in biases) and not any(name.endswith("bias") for name in weights)
     # The reference E2E code's grouping: one group, every trainable parameter decayed.
-    (everything,) = adamw_param_groups(model, 0.1, decay_biases=True)
-    assert everything["weight_decay"] == 0.1 and {id(p) for p in everything["params"]} == {
-        id(p) for p in model.parameters() if p.requires_grad
-    }
+    (everything,) = adamw_param_groups(model, LR, 0.1, decay_biases=True)
+    assert (
+        everything["weight_decay"] == 0.1
+        and everything["lr"] == LR
+        and {id(p) for p in everything["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    )
 
 
 @pytest.mark.parametrize("share_up", [True, False])
@@ -160,12 +162,3 @@ def test_expert_lr_scale_puts_exactly_the_routed_experts_in_groups_of_their_own(
     unscaled = set().union(*(names for _, scale, names in groups if scale == 1.0))
     assert unscaled == {n for n, p in model.named_parameters() if p.requires_grad} - expected
     assert any("classifier" in name for name in unscaled) and any(name.endswith("up_weight") for name in unscaled) == share_up
-
-
-def test_schedule_peaks_scale_per_group_and_stay_a_number_without_scaling():
-    model = add_adamix(tiny_classifier("bert"), AdaMixConfig(bottleneck_dim=4, num_experts=EXPERTS))
-    config = {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 3e-3}}}
-    assert scale_group_learning_rates(config, adamw_param_groups(model, 0.1)) is config
-    scaled = scale_group_learning_rates(config, adamw_param_groups(model, 0.1, 2.0))
-    assert scaled["scheduler"]["params"]["warmup_max_lr"] == [3e-3, 3e-3, 6e-3, 6e-3]
-    assert config["scheduler"]["params"]["warmup_max_lr"] == 3e-3  # the caller's config is left as it was

@@ -1,6 +1,7 @@
 """The reference code's training semantics that are options here: the backbone's own dropout (``--backbone_dropout``)
 and AdamW's epsilon, gradient clipping and bias decay (``--adam_epsilon``, ``--max_grad_norm 0``, ``--decay_biases``)
-inside a real DeepSpeed engine built from the launcher's flags, against a hand-built torch AdamW.
+and the linear learning-rate schedule inside a real DeepSpeed engine built from the launcher's flags, against a
+hand-built torch AdamW.
 
 This file is also the rank worker: ``torchrun --nproc_per_node 1 tests/test_reference_semantics.py OUT.json``.
 """
@@ -130,6 +131,13 @@ def test_deepspeed_steps_match_a_hand_built_adamw(report, case):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_deepspeed_steps_the_references_linear_schedule(report, case):
+    # 4 steps, 1 of warmup: step n at lr * n / 1, then lr * (4 - n) / 3 (DeepSpeed's WarmupDecayLR: 0, 0, lr, 2 lr / 3).
+    assert report[case]["lrs"] == pytest.approx([0.0, LR, LR * 2 / 3, LR / 3])
+
+
 def test_max_grad_norm_0_leaves_a_huge_gradient_unclipped(report):
     diff = report["reference_e2e"]["diff"]
     assert diff["as_flags"] < 1e-6 and diff["clipped"] > 1e-3  # clipping step 1 would have changed the later steps
@@ -201,12 +209,12 @@ def _run_case(flags: list[str]) -> dict:
     )
     args = run.training
     schedule = TrainSchedule.build(8, 1, 4, 1, 1.0, args.max_steps, args.warmup_ratio, args.warmup_steps)
-    config = build_ds_config(args.deepspeed, args, 1, schedule, job_name="reference-semantics")
+    config = build_ds_config(args.deepspeed, args, 1, job_name="reference-semantics")
     config["tensorboard"]["enabled"] = False
     model = _model()
     initial = copy.deepcopy(model)
-    groups = adamw_param_groups(model, args.weight_decay, decay_biases=args.decay_biases)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    groups = adamw_param_groups(model, args.learning_rate, args.weight_decay, decay_biases=args.decay_biases)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config, lr_scheduler=schedule.lr_scheduler)
     lrs = []
     for step in range(4):
         engine.backward(_loss(engine, step))
@@ -222,6 +230,7 @@ def _run_case(flags: list[str]) -> dict:
     return {
         "eps": [group["eps"] for group in optimizer.param_groups],
         "groups": len(optimizer.param_groups),
+        "lrs": lrs,
         "diff": {
             "as_flags": distance(),
             "clipped": distance(clip=1.0),

@@ -26,7 +26,7 @@ from adamix_ds.training.checkpoint import (
     trainable_shapes,
 )
 from adamix_ds.training.data import ResumableSampler, evaluate_splits, train_loader
-from adamix_ds.training.ds_config import build_ds_config, check_cuda_arch_list, read_ds_config, scale_group_learning_rates, zero_stage
+from adamix_ds.training.ds_config import build_ds_config, check_cuda_arch_list, read_ds_config, zero_stage
 from adamix_ds.training.optimizer import DeepSpeedOptimizerAccess
 from adamix_ds.training.runtime import (
     configure_threads,
@@ -36,9 +36,10 @@ from adamix_ds.training.runtime import (
     step_seed,
     usage_errors,
 )
-from adamix_ds.training.schedule import TrainSchedule
+from adamix_ds.training.schedule import LR_SCHEDULE, TrainSchedule
 
 __all__ = [
+    "LR_SCHEDULE",
     "AdaMixArguments",
     "DataArguments",
     "DeepSpeedOptimizerAccess",
@@ -70,7 +71,6 @@ __all__ = [
     "resolve_model_path",
     "save_checkpoint",
     "save_model",
-    "scale_group_learning_rates",
     "setup_logging",
     "shutdown_distributed",
     "step_seed",

@@ -180,8 +180,14 @@ def check_resumable(
 
     Without ``elastic`` every layout value must be the checkpoint's (a value an older checkpoint does not
     record is not compared). With it, the values of ``ELASTIC_KEYS`` may change, except ZeRO-0 against
-    ZeRO 1-3; the data and the lr schedule (``total_steps``) must not.
+    ZeRO 1-3; the data and the lr schedule (``total_steps``) must not. A checkpoint that records no
+    ``lr_schedule`` holds the state of DeepSpeed's ``WarmupDecayLR``, which this launcher no longer runs.
     """
+    if "lr_schedule" not in state.layout:
+        raise ValueError(
+            f"checkpoint {checkpoint} was written under DeepSpeed's WarmupDecayLR schedule, this run has lr_schedule="
+            f"{layout['lr_schedule']!r} (the reference's): it cannot continue exactly (start again with --overwrite_output_dir)"
+        )
     for key, value in layout.items():
         saved = state.layout.get(key, value)
         if saved == value or (elastic and key in ELASTIC_KEYS):

@@ -13,14 +13,13 @@ nor a flag a file value.
 | train_batch_size                            | micro batch x accumulation x number of ranks     |
 | gradient_clipping                           | --max_grad_norm                                  |
 | optimizer.params.lr / betas / eps / weight_decay | --learning_rate, --adam_beta1/2, --adam_epsilon, --weight_decay |
-| scheduler.params.warmup_max_lr / warmup_min_lr | --learning_rate (per group: x --expert_lr_scale for the routed experts) / 0 |
-| scheduler.params.warmup_num_steps / total_num_steps | --warmup_ratio or --warmup_steps / --max_steps or epochs |
 | bf16.enabled, fp16.enabled                  | --bf16, --fp16                                   |
 | tensorboard.output_path / job_name          | output_dir/runs / the run's name                 |
 
-The scheduler is DeepSpeed's ``WarmupDecayLR`` with linear warmup: ``run_glue.py``'s linear schedule.
-DeepSpeed's scheduler needs at least one warmup step and one step in all, so ``--warmup_ratio 0`` warms up for one
-step (whose learning rate is 0), and a run of zero steps (``--num_train_epochs 0``) gets a one-step schedule it never uses.
+A config has no ``scheduler`` section: the learning-rate schedule is the reference's (transformers' linear
+warmup and decay, ``TrainSchedule.lr_scheduler``), which the launcher hands to DeepSpeed as its client scheduler;
+each optimizer group's peak rate is in the group (``adamix_ds.optim.adamw_param_groups``). DeepSpeed's own
+``WarmupDecayLR`` runs one step behind it, and needs at least one warmup step at rate 0.
 """
 
 from __future__ import annotations
@@ -34,10 +33,8 @@ from typing import Any
 
 from adamix_ds.config import read_json_object
 from adamix_ds.training.arguments import TrainingArguments
-from adamix_ds.training.schedule import TrainSchedule
 
 AUTO = "auto"
-SCHEDULER = "WarmupDecayLR"
 ADAM_OPTIMIZERS = ("Adam", "AdamW")
 # DeepSpeed 0.19 JIT-builds its fused optimizers on CUDA for the architectures in TORCH_CUDA_ARCH_LIST and parses
 # each entry as MAJOR.MINOR[+PTX]: a variant suffix, which CUDA images set ("9.0a"), fails inside
@@ -46,7 +43,7 @@ ADAM_OPTIMIZERS = ("Adam", "AdamW")
 _DEEPSPEED_ARCH_ENTRY = re.compile(r"\d+\.\d+(\+PTX)?")
 
 
-def run_values(args: TrainingArguments, world_size: int, schedule: TrainSchedule, job_name: str) -> dict[str, Any]:
+def run_values(args: TrainingArguments, world_size: int, job_name: str) -> dict[str, Any]:
     """The values the flags give to ``RUN_VALUES``' keys, by dotted config path."""
     return {
         "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
@@ -57,11 +54,6 @@ def run_values(args: TrainingArguments, world_size: int, schedule: TrainSchedule
         "optimizer.params.betas": [args.adam_beta1, args.adam_beta2],
         "optimizer.params.eps": args.adam_epsilon,
         "optimizer.params.weight_decay": args.weight_decay,
-        "scheduler.params.warmup_min_lr": 0.0,
-        "scheduler.params.warmup_max_lr": args.learning_rate,
-        "scheduler.params.warmup_num_steps": max(1, schedule.warmup_steps),
-        "scheduler.params.total_num_steps": max(1, schedule.total_steps),
-        "scheduler.params.warmup_type": "linear",
         "bf16.enabled": args.bf16,
         "fp16.enabled": args.fp16,
         "tensorboard.output_path": str(Path(args.output_dir) / "runs"),
@@ -80,9 +72,6 @@ FLAGS = {
     "optimizer.params.betas": "--adam_beta1/--adam_beta2",
     "optimizer.params.eps": "--adam_epsilon",
     "optimizer.params.weight_decay": "--weight_decay",
-    "scheduler.params.warmup_max_lr": "--learning_rate",
-    "scheduler.params.warmup_num_steps": "--warmup_ratio/--warmup_steps",
-    "scheduler.params.total_num_steps": "--max_steps/--num_train_epochs",
     "bf16.enabled": "--bf16",
     "fp16.enabled": "--fp16",
     "tensorboard.output_path": "--output_dir",
@@ -109,29 +98,28 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     return read_json_object(path, "DeepSpeed config")
 
 
-def build_ds_config(path: str | Path, args: TrainingArguments, world_size: int, schedule: TrainSchedule, job_name: str) -> dict[str, Any]:
+def build_ds_config(path: str | Path, args: TrainingArguments, world_size: int, job_name: str) -> dict[str, Any]:
     """The config of ``path`` with every run value filled from the flags (see the module docstring).
 
-    Raises ``ValueError`` for a malformed file, a contradiction between file and flags, a batch size that
-    does not divide, or a value DeepSpeed rejects.
+    Raises ``ValueError`` for a malformed file, a scheduler section, a contradiction between file and flags, a
+    batch size that does not divide, or a value DeepSpeed rejects.
     """
     config = copy.deepcopy(read_ds_config(path))
     config.setdefault("optimizer", {"type": "AdamW"})
-    config.setdefault("scheduler", {"type": SCHEDULER})
-    for section in ("optimizer", "scheduler"):
-        if not isinstance(config[section], dict):
-            raise ValueError(f"{path}: {section} must be a JSON object, got {config[section]!r}")
+    if not isinstance(config["optimizer"], dict):
+        raise ValueError(f"{path}: optimizer must be a JSON object, got {config['optimizer']!r}")
     if config["optimizer"].get("type") not in ADAM_OPTIMIZERS:
         raise ValueError(
             f"{path}: optimizer type {config['optimizer'].get('type')!r} is not supported: allowed {', '.join(ADAM_OPTIMIZERS)}"
         )
-    if config["scheduler"].get("type") != SCHEDULER:
+    if "scheduler" in config:
         raise ValueError(
-            f"{path}: scheduler type {config['scheduler'].get('type')!r} is not supported: allowed {SCHEDULER} (linear warmup and decay)"
+            f"{path}: a scheduler section is not allowed: the schedule is the reference's linear warmup and decay, "
+            "set by --warmup_ratio/--warmup_steps and --max_steps/--num_train_epochs; remove the section"
         )
     _check_train_batch_size(path, config.get("train_batch_size", AUTO), args, world_size)
 
-    values = run_values(args, world_size, schedule, job_name)
+    values = run_values(args, world_size, job_name)
     # Placeholders are read from the file before filling: a value the flags wrote is never taken for one.
     unfilled = sorted(set(_auto_keys(config)) - set(values))
     for key, value in values.items():
@@ -154,19 +142,6 @@ def build_ds_config(path: str | Path, args: TrainingArguments, world_size: int, 
             f'{path}: {unfilled[0]}="auto" has no flag to fill it (the keys the flags fill are listed in adamix_ds/training/ds_config.py)'
         )
     _validate_with_deepspeed(path, config)
-    return config
-
-
-def scale_group_learning_rates(config: dict[str, Any], param_groups: list[dict[str, Any]]) -> dict[str, Any]:
-    """``config`` with the schedule's peak learning rate per optimizer group: its value times each group's
-    ``lr_scale`` (``adamix_ds.optim.adamw_param_groups``), as the list DeepSpeed's ``WarmupDecayLR`` takes.
-    Unchanged when every scale is 1."""
-    scales = [group["lr_scale"] for group in param_groups]
-    if all(scale == 1 for scale in scales):
-        return config
-    config = copy.deepcopy(config)
-    params = config["scheduler"]["params"]
-    params["warmup_max_lr"] = [params["warmup_max_lr"] * scale for scale in scales]
     return config
 
 

@@ -1,9 +1,16 @@
-"""How many steps a run takes, and where step ``n`` sits in the data: a pure function of the flags."""
+"""How many steps a run takes, where step ``n`` sits in the data, and its learning rate: pure functions of the flags."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_linear_schedule_with_warmup
+
+# The learning-rate schedule of every run, as checkpoints record it (transformers' SchedulerType name).
+LR_SCHEDULE = "linear"
 
 
 @dataclass(frozen=True)
@@ -58,3 +65,13 @@ class TrainSchedule:
         """``(epoch, micro-batches already consumed in it)`` after ``step`` optimizer steps."""
         epoch, steps_in_epoch = divmod(step, self.steps_per_epoch)
         return epoch, steps_in_epoch * self.gradient_accumulation_steps
+
+    def lr_scheduler(self, optimizer: Optimizer) -> LambdaLR:
+        """The reference's schedule (``run_glue.py``'s, LiST's and the E2E code's, all transformers'): step ``n``
+        (from 0) trains at each group's own ``lr`` times ``n / warmup_steps`` during warmup, then times
+        ``(total_steps - n) / (total_steps - warmup_steps)``: no warmup starts at the full rate.
+
+        What ``deepspeed.initialize(lr_scheduler=...)`` takes: the engine steps it after every optimizer step that
+        it does not skip (an fp16 overflow) and keeps its state in checkpoints.
+        """
+        return get_linear_schedule_with_warmup(optimizer, self.warmup_steps, self.total_steps)

@@ -8,7 +8,6 @@
 # inference) and the consistency loss (weight 1), where LiST trains two linear 128-wide adapters per layer. Also
 # trained, as LiST trains them: the MLM head's dense, LayerNorm and output bias (--train_lm_head transform).
 # LiST's semi-supervised stages (self-training on unlabelled data) are not part of this recipe.
-# DeepSpeed's WarmupDecayLR needs one warmup step: the first of the 400 steps has learning rate 0.
 #
 #   bash launchers/recipes/roberta_large_fewshot.sh                                 # SST-2, split 1
 #   for s in 1 2 3 4 5; do SEED=$s TASK=subj bash launchers/recipes/roberta_large_fewshot.sh; done   # the 5 splits
