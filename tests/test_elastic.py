@@ -149,10 +149,8 @@ def test_restored_state_equals_the_saved_state_bit_for_bit(runs, name, tmp_path)
     restored = _universal(runs[name] / "checkpoints" / f"step-{step}", tmp_path / "restored")  # saved again on loading
     _same(restored["tensors"], saved["tensors"], "weights, Adam moments and step")
     _same(restored["counters"], saved["counters"], "routing counters")
-    assert (restored["lr_scheduler"], restored["global_steps"]) == (saved["lr_scheduler"], saved["global_steps"]) and (
-        saved["lr_scheduler"]["last_epoch"],
-        saved["global_steps"],
-    ) == (step, step)
+    assert (restored["lr_scheduler"], restored["global_steps"]) == (saved["lr_scheduler"], saved["global_steps"])
+    assert (saved["lr_scheduler"]["last_epoch"], saved["global_steps"]) == (step, step)
     assert restored["groups"] == saved["groups"] and [group["weight_decay"] for group in restored["groups"]] == [0.1, 0.0]
     # A restart continues exactly on the new layout: the checkpoint records it, and where the data stands on it.
     trainer_state = TrainerState.load(runs[name] / "checkpoints" / f"step-{step}")
