@@ -8,8 +8,10 @@
 2. Predicts the SST-2 dev set with ``launchers/predict.py --split validation`` from the AdaMix run's ``adapter/``
    folder, scores the predictions against the dev labels and compares with the run's ``eval_accuracy``
    (``metrics.json``): they must be equal exactly.
-3. Times ``predict`` of both adapters (``load_for_inference``, merged) on the dev sentences, in rotated rounds in one
-   process: sentences per second, and the merged AdaMix model's time relative to the single adapter's.
+3. Times ``predict`` of both adapters (``load_for_inference``, merged, fp32) on the dev sentences, in rotated rounds in
+   one process, on the device a user predicts on (the GPU when there is one, as ``predict.py`` does; the device is
+   synchronised before and after each round): sentences per second, and the merged AdaMix model's time relative to
+   the single adapter's. The script prints the device it timed, and the results record it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from adamix_ds.data import get_task_spec
 from adamix_ds.data.inputs import read_task_split
@@ -48,6 +52,7 @@ def prediction(
     steps: int = 100,
     rounds: int = 5,
     batch_size: int = 32,
+    device: str | None = None,
     fast: bool = False,
 ) -> dict[str, Any]:
     """Check that predictions equal the training run's evaluation and time merged AdaMix against one adapter.
@@ -59,9 +64,13 @@ def prediction(
         steps: optimizer steps of both runs (batch 16).
         rounds: timing rounds (median reported).
         batch_size: sentences per forward when predicting.
+        device: where the timed predictions run, cpu or cuda (default: cuda when available).
         fast: 8 steps, the first 96 dev sentences, 2 rounds.
     """
     eval_samples = 96 if fast else None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    machine = environment()
+    print(f"device: {device} ({machine['gpu'] if device == 'cuda' else machine['cpu']})", flush=True)
     steps, rounds = (8, 2) if fast else (steps, rounds)
     work = Path(work_dir)
     metrics = {method: _train(method, work / method, train_samples, steps, eval_samples) for method in METHODS}
@@ -79,16 +88,23 @@ def prediction(
     trained = metrics["adamix"]["final"]["eval_accuracy"]
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1)
-    adapters = {method: load_for_inference(work / method / "adapter") for method in METHODS}
+    adapters = {method: load_for_inference(work / method / "adapter", device=device) for method in METHODS}
     encoded = {method: adapter.family.encode_inputs(dev) for method, adapter in adapters.items()}
 
     def run(method: str, _: int) -> None:
         adapters[method].family.predict(adapters[method].model, encoded[method], batch_size, env)
 
-    seconds = timed_rounds(list(METHODS), run, rounds, warmup=1)
+    seconds = timed_rounds(list(METHODS), run, rounds, warmup=1, device=device)
     results: dict[str, Any] = {
-        "environment": environment(),
-        "settings": {"train_samples": train_samples, "steps": steps, "dev_sentences": len(dev), "batch_size": batch_size, "rounds": rounds},
+        "environment": machine,
+        "settings": {
+            "train_samples": train_samples,
+            "steps": steps,
+            "dev_sentences": len(dev),
+            "batch_size": batch_size,
+            "rounds": rounds,
+            "device": device,
+        },
         "dev_accuracy_from_predictions": accuracy,
         "training_eval_accuracy": trained,
         "equal": accuracy == trained,
@@ -103,7 +119,7 @@ def prediction(
             "",
             f"`benchmarks/prediction.py`: real MiniLM, AdaMix (bottleneck r=16, M=4) and one bottleneck adapter trained {steps} steps "
             f"on {train_samples} SST-2 sentences; `launchers/predict.py --split validation` on the {len(dev)} dev sentences "
-            f"(batch {batch_size}), merged; speed: median of {rounds} rotated rounds in one process.",
+            f"(batch {batch_size}), merged; speed on **{device}** (fp32): median of {rounds} rotated rounds in one process.",
             "",
             markdown_table(
                 ["", "value"],
