@@ -15,6 +15,10 @@ A sweep file::
       adapter: {method: adapter}
       adamix: {method: adamix, eval_modes: all}
       no-consistency: {method: adamix, consistency_weight: 0}
+    compare:                               # optional: what summarize tests, A against B (the claim: A beats B)
+      - [adamix, adapter]                  # the runs' own metrics, group against group
+      - [adamix:merged, adamix:random]     # two inference routings of the same runs (eval_modes.json)
+      - {a: no-consistency, b: adapter, claim: AdaMix beats its baseline, protocol: equal passes}
 
 Run ``r`` gets the output directory ``<output_root>/<task>/<group or method>/<other axes>/seed-<s>``, with
 the other grid axes written ``flag-value`` and joined by ``_`` (left out when there are none). Flags take
@@ -22,6 +26,11 @@ the launcher's names (``--`` optional); a value ``null`` leaves the launcher's d
 with the launcher's own argument parser before anything starts, so a sweep never fails half-way on a value
 the launcher refuses. Relative paths (``output_root``, ``data_dir``, ...) are relative to the directory the
 sweep command runs in, locally and under Slurm alike.
+
+A ``compare`` side is a group (the method where the sweep has no groups), or ``GROUP:MODE`` with ``MODE`` one of
+the launcher's inference routings and merges (``merged``, ``random``, ``fixed``, ``ensemble``, ``greedy_soup``,
+``fisher``, ``best_expert``; ``random`` and ``fixed`` stand for the mean over draws and experts). Each comparison is
+made within every task and grid point; ``adamix_ds.summary`` computes it.
 """
 
 from __future__ import annotations
@@ -42,19 +51,28 @@ from typing import Any
 
 import yaml
 
+from adamix_ds.config import EVAL_MODES
 from adamix_ds.training.arguments import REPO_ROOT, RunArguments, build_parser, parse_args
 from adamix_ds.training.checkpoint import CHECKPOINTS, LATEST
 from adamix_ds.training.eval_modes import EVAL_MODES_FILE
+from adamix_ds.training.merges import MERGE_MODES
 from adamix_ds.training.runtime import free_port
 
 TRAIN_SCRIPT = REPO_ROOT / "launchers" / "train.py"
 ARRAY_SCRIPT = REPO_ROOT / "launchers" / "slurm" / "sweep.sbatch"
 METRICS_FILE = "metrics.json"
+RUN_CONFIG_FILE = "run_config.json"
+# Routings scored after training from a run's saved experts (launchers/evaluate.py --output_file
+# <run>/random_routing.json): they belong to the run's record as much as eval_modes.json does.
+LATER_ROUTINGS_FILE = "random_routing.json"
 # What a finished run's results are, without its checkpoints and adapters: a summary needs these files only.
-RECORD_FILES = (METRICS_FILE, EVAL_MODES_FILE, "run_config.json")
+RECORD_FILES = (METRICS_FILE, EVAL_MODES_FILE, LATER_ROUTINGS_FILE, RUN_CONFIG_FILE)
 RECORDS = "runs"
 LAUNCHERS = ("deepspeed", "torchrun", "python")
-SWEEP_KEYS = ("output_root", "args", "grid", "seeds", "groups")
+SWEEP_KEYS = ("output_root", "args", "grid", "seeds", "groups", "compare")
+COMPARE_KEYS = ("a", "b", "claim", "protocol")
+# What a compare side may name after "GROUP:": the routings every AdaMix run can be scored under.
+COMPARE_MODES = EVAL_MODES + MERGE_MODES
 # Flags the sweep sets itself: a sweep file that set them would break run names or resumption.
 RESERVED_FLAGS = {
     "output_dir": "the sweep names every run's output_dir",
@@ -104,6 +122,33 @@ class SweepRun:
         return args
 
 
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: a group's runs, scored as the runs scored themselves (``mode`` None) or under one
+    inference routing of ``COMPARE_MODES``."""
+
+    group: str
+    mode: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.group}:{self.mode}" if self.mode else self.group
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``a`` against ``b`` (the claim: ``a`` beats ``b``), with the sweep file's words for the claim and protocol."""
+
+    a: Side
+    b: Side
+    claim: str | None = None
+    protocol: str | None = None
+
+    @property
+    def same_runs(self) -> bool:
+        """True when both sides score the same runs (two routings of one group): they pair, and only so."""
+        return self.a.group == self.b.group
+
+
 @dataclass
 class Sweep:
     """A sweep file, expanded and checked: ``runs`` in a stable order (grid points, then groups, then seeds)."""
@@ -112,6 +157,7 @@ class Sweep:
     output_root: Path
     axes: list[str]
     runs: list[SweepRun] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
 
     @property
     def log_dir(self) -> Path:
@@ -239,7 +285,43 @@ def load_sweep(path: str | os.PathLike[str]) -> Sweep:
                 raise ValueError(f"{where}: same output folder as run {seen[run.name]}: {run.name}")
             seen[run.name] = where
             sweep.runs.append(run)
+    sweep.comparisons = _comparisons(spec.get("compare"), path, list(dict.fromkeys(run.cell["group"] for run in sweep.runs)))
     return sweep
+
+
+def _side(raw: object, where: str, groups: list[str]) -> Side:
+    group, _, mode = str(raw).partition(":")
+    if group not in groups:
+        raise ValueError(f"{where}: unknown group {group!r}: allowed {', '.join(groups)}")
+    if ":" in str(raw) and mode not in COMPARE_MODES:
+        raise ValueError(
+            f"{where}: unknown routing {mode!r} in {raw!r}: allowed GROUP or GROUP:MODE, MODE one of {', '.join(COMPARE_MODES)}"
+        )
+    return Side(group, mode or None)
+
+
+def _comparisons(spec: object, path: Path, groups: list[str]) -> list[Comparison]:
+    """The sweep file's ``compare`` list, each side checked against the sweep's groups (or methods)."""
+    if spec is None:
+        return []
+    if not isinstance(spec, list):
+        raise ValueError(f"{path}: compare must be a list of [A, B] pairs or {{a: A, b: B, claim: ..., protocol: ...}} mappings")
+    comparisons = []
+    for index, entry in enumerate(spec):
+        where = f"{path}: compare[{index}]"
+        if isinstance(entry, list) and len(entry) == 2:
+            entry = dict(zip("ab", entry, strict=True))
+        if not isinstance(entry, dict) or not {"a", "b"} <= set(entry):
+            raise ValueError(f"{where} is {entry!r}: allowed [A, B] or a mapping with a, b and optionally claim, protocol")
+        unknown = sorted(set(entry) - set(COMPARE_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key {unknown[0]!r}: allowed {', '.join(COMPARE_KEYS)}")
+        a, b = _side(entry["a"], where, groups), _side(entry["b"], where, groups)
+        if a == b:
+            raise ValueError(f"{where}: compares {a} with itself")
+        words = {k: str(entry[k]) for k in ("claim", "protocol") if entry.get(k) is not None}
+        comparisons.append(Comparison(a, b, **words))
+    return comparisons
 
 
 def select_runs(sweep: Sweep, only: Sequence[str]) -> Sweep:

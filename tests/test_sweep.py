@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from scipy import stats
 
-from adamix_ds.summary import Stat, collect, summarize
-from adamix_ds.sweep import load_sweep, select_runs, task_args
+from adamix_ds.summary import Stat, collect, compare, read_eval_modes, summarize, t_tests, verdict
+from adamix_ds.sweep import Side, load_sweep, select_runs, task_args
 
 from conftest import REPO_ROOT, subprocess_env, tiny_rte_sweep_args
 
@@ -86,17 +87,56 @@ def test_without_groups_the_method_names_the_folder_and_linked_values_set_severa
         ({"grid": {"learning_rate": [1e-3, 1e-3]}}, "grid.learning_rate has repeated values"),
         ({"groups": {"a": {"learning_rate": 1e-3}}}, "learning_rate is set by the grid and by args or a group"),
         ({"colour": "red"}, "unknown key 'colour'"),
+        ({"compare": [["adamix", "adaptor"]]}, "compare[0]: unknown group 'adaptor': allowed adapter, adamix"),
+        (
+            {"compare": [["adamix:merged", "adamix:best"]]},
+            "compare[0]: unknown routing 'best' in 'adamix:best': allowed GROUP or GROUP:MODE",
+        ),
     ],
 )
 def test_bad_sweep_files_fail_before_anything_runs_with_one_line(tmp_path, change, message):
     path = _write(tmp_path, _spec(**change))
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_sweep(path)
     completed = subprocess.run([sys.executable, SWEEP, "run", str(path)], capture_output=True, text=True, env=subprocess_env())
     assert completed.returncode == 2, completed.stderr
     assert completed.stderr.strip().splitlines()[-1].startswith("sweep.py: error: ") and message.split(":")[0] in completed.stderr
     assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("compare", "message"),
+    [
+        ({"a": "adamix"}, "compare[0] is {'a': 'adamix'}: allowed [A, B] or a mapping with a, b"),
+        (["adamix", "adapter", "lora"], "allowed [A, B] or a mapping"),
+        ({"a": "adamix", "b": "adapter", "claims": "x"}, "compare[0]: unknown key 'claims': allowed a, b, claim, protocol"),
+        (["adamix:merged", "adamix:merged"], "compare[0]: compares adamix:merged with itself"),
+    ],
+)
+def test_bad_compare_entries_name_what_is_allowed(tmp_path, compare, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_sweep(_write(tmp_path, _spec(compare=[compare])))
+
+
+def test_compare_sides_are_groups_or_the_methods_without_groups(tmp_path):
+    spec = _spec(compare=[["adamix", "adapter"], {"a": "adamix:random", "b": "adamix:merged", "claim": "c", "protocol": "P"}])
+    first, second = load_sweep(_write(tmp_path, spec)).comparisons
+    assert (first.a, first.b, first.claim, first.same_runs) == (Side("adamix"), Side("adapter"), None, False)
+    assert (second.a, second.b, second.claim, second.protocol, second.same_runs) == (
+        Side("adamix", "random"),
+        Side("adamix", "merged"),
+        "c",
+        "P",
+        True,
+    )
+    methods = {
+        "args": {"task_name": "rte", "max_steps": 2},
+        "grid": {"method": ["adamix", "lora"]},
+        "seeds": [1],
+        "compare": [["adamix", "lora"]],
+    }
+    assert load_sweep(_write(tmp_path, methods, "methods.yaml")).comparisons[0].b == Side("lora")
 
 
 def test_launch_args_resume_a_checkpointed_run_and_restart_one_without_checkpoint(tmp_path):
@@ -237,6 +277,153 @@ def test_records_carry_complete_runs_to_another_machine(tmp_path):
     assert f"1 run(s) complete from the records in {kept}" in completed.stdout and "1 runs, 1 complete, 0 to run" in completed.stdout
     assert (fresh.runs[0].output_dir / "eval_modes.json").read_text() == (first.output_dir / "eval_modes.json").read_text()
     assert "60.00 (n=1)" in summarize(fresh, kept) and len(list((kept / "runs").rglob("metrics.json"))) == 1
+
+
+COMPARED = {
+    # seed: (adapter, adamix, adamix's random draws); one learning rate, so one setting
+    1: (0.60, 0.66, [0.61, 0.63]),
+    2: (0.70, 0.71, [0.71, 0.71]),
+    3: (0.65, 0.69, [0.64, 0.68]),
+}
+
+
+def _compared_sweep(tmp_path: Path, name: str = "sweep.yaml", **spec):
+    compare = [
+        {"a": "adamix", "b": "adapter", "claim": "AdaMix beats its baseline", "protocol": "P"},
+        {"a": "adamix:merged", "b": "adamix:random", "claim": "Merged beats random routing"},
+        ["adamix", "lonely"],
+    ]
+    groups = {
+        "adapter": {"method": "adapter"},
+        "adamix": {"method": "adamix", "eval_modes": "all"},
+        "lonely": {"method": "adapter", "bottleneck_dim": 8},
+    }
+    sweep = load_sweep(
+        _write(tmp_path, _spec(grid={"learning_rate": [1e-3]}, seeds=[1, 2, 3], groups=groups, compare=compare, **spec), name)
+    )
+    for run in sweep.runs:
+        adapter, adamix, draws = COMPARED[run.seed]
+        if run.cell["group"] == "adapter":
+            _fake_run(run, adapter, adapter + 0.01, 1.0)
+        elif run.cell["group"] == "adamix":
+            modes = {"merged": {"eval_accuracy": adamix}, "random": [{"draw": d, "eval_accuracy": v} for d, v in enumerate(draws)]}
+            _fake_run(run, adamix, adamix, 2.0, modes)
+        elif run.seed == 1:  # one run of this group: nothing to test it with
+            _fake_run(run, 0.5, 0.5, 1.0)
+    return sweep
+
+
+def test_comparisons_welch_and_paired_tests_with_their_intervals(tmp_path):
+    sweep = _compared_sweep(tmp_path)
+    results = compare(sweep, collect(sweep))
+    assert [(str(r.comparison.a), str(r.comparison.b), r.metric) for r in results] == [
+        ("adamix", "adapter", "eval_accuracy"), ("adamix", "adapter", "best_eval_accuracy"),
+        ("adamix:merged", "adamix:random", "eval_accuracy"),
+        ("adamix", "lonely", "eval_accuracy"), ("adamix", "lonely", "best_eval_accuracy"),
+    ]  # fmt: skip
+    groups, _, routings, lonely, _ = results
+
+    # Welch by its textbook formulas: t = d / se, Welch–Satterthwaite df, d ± t(0.975, df) · se.
+    a, b = [v[1] for v in COMPARED.values()], [v[0] for v in COMPARED.values()]
+    va, vb = (Stat.of(x).std ** 2 / len(x) for x in (a, b))
+    d, se = Stat.of(a).mean - Stat.of(b).mean, math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    welch = groups.welch
+    assert (welch.difference, welch.t, welch.df) == pytest.approx((d, d / se, df))
+    assert welch.p == pytest.approx(2 * stats.t.sf(abs(d / se), df))
+    assert (welch.low, welch.high) == pytest.approx((d - stats.t.ppf(0.975, df) * se, d + stats.t.ppf(0.975, df) * se))
+    # Paired over the three seeds: the differences' mean over their standard error, n - 1 df.
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    se_pairs = Stat.of(diffs).std / math.sqrt(3)
+    paired = groups.paired
+    assert (paired.difference, paired.t, paired.df) == pytest.approx((Stat.of(diffs).mean, Stat.of(diffs).mean / se_pairs, 2))
+    assert groups.test is welch and groups.n == "3 / 3" and groups.verdict.endswith("A ahead in 3/3 seeds")
+
+    # Two routings of the same runs are not independent samples: paired only, and the verdict reads it.
+    assert routings.welch is None and routings.test is routings.paired and routings.n == "3"
+    random_means = [sum(v[2]) / 2 for v in COMPARED.values()]
+    assert routings.paired.difference == pytest.approx(Stat.of([x - y for x, y in zip(a, random_means, strict=True)]).mean)
+    assert routings.verdict == "not shown (CI spans 0); A ahead in 2/3 seeds, level in 1"
+
+    # One run on a side: the difference of the means, no test, and no NaN in the JSON.
+    assert lonely.welch is None and lonely.test is None and lonely.difference == pytest.approx(Stat.of(a).mean - 0.5)
+    assert lonely.verdict == "not tested (under 2 runs a side); A ahead in 1/1 seeds"
+    assert lonely.to_json()["paired"] is None
+
+
+def test_values_without_spread_have_no_t_test_rather_than_p_zero():
+    # Every pair differs by exactly 0.25 (binary fractions): scipy's t would be infinite and its p 0.
+    welch, paired = t_tests({1: 0.5, 2: 0.75}, {1: 0.25, 2: 0.5}, same_runs=True)
+    assert welch is None and paired.difference == 0.25 and math.isnan(paired.t) and math.isnan(paired.p) and math.isnan(paired.low)
+    welch, _ = t_tests({1: 0.5, 2: 0.5}, {1: 0.5, 2: 0.5}, same_runs=False)
+    assert welch.difference == 0 and math.isnan(welch.p)
+
+
+def test_summarize_writes_the_comparisons_and_their_forest_plot(tmp_path):
+    sweep = _compared_sweep(tmp_path)
+    text = summarize(sweep)
+    section = text.split("## Comparisons (A − B; the claim: A beats B)")[1]
+    assert (
+        "| AdaMix beats its baseline | P | rte learning_rate=0.001 | adamix − adapter | eval_accuracy | 68.67 ± 2.52 (n=3) | 65.00 ± 5.00 (n=3) |"
+        in section
+    )
+    assert "| Merged beats random routing |  | rte learning_rate=0.001 | adamix:merged − adamix:random | eval_accuracy |" in section
+    data = json.loads((sweep.output_root / "summary.json").read_text())
+    assert "NaN" not in json.dumps(data["comparisons"])  # a test without spread, or no test, is null
+    first = data["comparisons"][0]
+    assert (first["a"], first["b"], first["test"], first["claim"]) == ("adamix", "adapter", "Welch", "AdaMix beats its baseline")
+    assert first["a_values"] == {"1": 0.66, "2": 0.71, "3": 0.69} and first["paired"]["n"] == 3
+    assert (sweep.output_root / "summary_forest.png").stat().st_size > 1000
+
+
+def test_verdict_groups_the_comparisons_of_several_sweeps_by_claim(tmp_path):
+    first = _compared_sweep(tmp_path, "first.yaml", output_root=str(tmp_path / "first"))
+    second = _compared_sweep(tmp_path, "second.yaml", output_root=str(tmp_path / "second"))
+    text = verdict([first, second], tmp_path / "verdict")
+    rows = [line.split(" | ") for line in text.splitlines()[2:]]
+    assert [(row[0].lstrip("| "), row[1].split(":")[0]) for row in rows] == [
+        ("AdaMix beats its baseline", "first"), ("AdaMix beats its baseline", "first"),
+        ("AdaMix beats its baseline", "second"), ("AdaMix beats its baseline", "second"),
+        ("Merged beats random routing", "first"), ("Merged beats random routing", "second"),
+        ("", "first"), ("", "first"), ("", "second"), ("", "second"),
+    ]  # fmt: skip
+    assert rows[0][4:9] == ["+3.67 [-6.71, +14.05]", "Welch", "0.340", "0.128", "3 / 3"]
+    assert json.loads((tmp_path / "verdict" / "verdict.json").read_text())[4]["test"] == "paired"
+    assert (tmp_path / "verdict" / "verdict_forest.png").stat().st_size > 1000
+
+
+def test_summarize_cli_several_sweeps_and_their_outputs(tmp_path):
+    first = _compared_sweep(tmp_path, "first.yaml", output_root=str(tmp_path / "first"))
+    second = _compared_sweep(tmp_path, "second.yaml", output_root=str(tmp_path / "second"))
+    command = [sys.executable, SWEEP, "summarize", str(first.path), str(second.path)]
+    bad = subprocess.run([*command, "--output", str(tmp_path / "one")], capture_output=True, text=True, env=subprocess_env())
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "sweep.py: error: --output is given 1 time(s) for 2 sweep file(s): give it once per sweep file, in their order, or not at all"
+    ]
+    outputs = ["--output", str(tmp_path / "kept1"), "--output", str(tmp_path / "kept2"), "--verdict", str(tmp_path / "verdict")]
+    completed = subprocess.run([*command, *outputs], capture_output=True, text=True, env=subprocess_env())
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.count("## Comparisons") == 2 and f"# Verdict ({tmp_path / 'verdict'})" in completed.stdout
+    assert (tmp_path / "kept2" / "summary_forest.png").is_file() and (tmp_path / "verdict" / "verdict.md").is_file()
+
+
+def test_routings_scored_later_join_the_record_and_merged_comes_from_the_final_decode(tmp_path):
+    sweep = load_sweep(_write(tmp_path, _spec(grid={"learning_rate": [1e-3]}, seeds=[1], groups={"adamix": {"method": "adamix"}})))
+    run = sweep.runs[0]
+    _fake_run(run, 0.7, 0.7, 1.0, {"fisher": {"eval_accuracy": 0.72}})
+    config = {"arguments": {"adamix": {"eval_mode": "merged", "merge": "uniform"}}}
+    (run.output_dir / "run_config.json").write_text(json.dumps(config))
+    (run.output_dir / "random_routing.json").write_text(
+        json.dumps({"random": [{"draw": 0, "eval_accuracy": 0.6}], "fisher": {"eval_accuracy": 0}})
+    )
+    modes = read_eval_modes(run)
+    assert modes["fisher"] == {"eval_accuracy": 0.72} and modes["random"][0]["eval_accuracy"] == 0.6  # eval_modes.json wins
+    assert modes["merged"] == {"eval_accuracy": 0.7, "eval_loss": 0.7}
+    config["arguments"]["adamix"]["eval_mode"] = "fixed"  # its final evaluation is not the merge's
+    (run.output_dir / "run_config.json").write_text(json.dumps(config))
+    assert "merged" not in read_eval_modes(run)
+    summarize(sweep, tmp_path / "kept")
+    assert (tmp_path / "kept" / "runs" / run.name / "random_routing.json").is_file()
 
 
 @pytest.mark.slow
