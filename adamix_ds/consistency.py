@@ -24,15 +24,15 @@ def consistency_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch
         raise ValueError(f"logits shapes differ: {tuple(logits_a.shape)} vs {tuple(logits_b.shape)}")
     log_p_a = F.log_softmax(logits_a.float(), dim=-1)
     log_p_b = F.log_softmax(logits_b.float(), dim=-1)
-    if mask is not None:
-        log_p_a, log_p_b = log_p_a[mask], log_p_b[mask]
-    log_p_a = log_p_a.reshape(-1, log_p_a.shape[-1])
-    log_p_b = log_p_b.reshape(-1, log_p_b.shape[-1])
-    if log_p_a.shape[0] == 0:
-        return log_p_a.sum() * 0.0
-    kl_to_a = F.kl_div(log_p_a, log_p_b.detach(), log_target=True, reduction="batchmean")
-    kl_to_b = F.kl_div(log_p_b, log_p_a.detach(), log_target=True, reduction="batchmean")
-    return 0.5 * (kl_to_a + kl_to_b)
+    # Per row: the two KL terms summed over classes; batchmean is then the mean over the kept rows.
+    kl_to_a = F.kl_div(log_p_a, log_p_b.detach(), log_target=True, reduction="none").sum(-1)
+    kl_to_b = F.kl_div(log_p_b, log_p_a.detach(), log_target=True, reduction="none").sum(-1)
+    rows = 0.5 * (kl_to_a + kl_to_b)
+    if mask is None:
+        return rows.mean() if rows.numel() else rows.sum()
+    # Weighted by the mask rather than indexed with it: boolean indexing waits for the device to count the rows.
+    weights = mask.to(rows.dtype)
+    return (rows * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 @dataclass

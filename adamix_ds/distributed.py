@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["DistEnv", "dist_env"]
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistEnv", "all_reduce", "broadcast", "dist_env"]
 
 
 @dataclass(frozen=True)
@@ -33,3 +36,24 @@ def dist_env() -> DistEnv:
         world_size=world_size,
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size))),
     )
+
+
+def _on_device(tensor: torch.Tensor, device: torch.device | str) -> None:
+    """``RuntimeError`` unless ``tensor`` is on ``device``: NCCL, the GPU backend, takes only device tensors ("No
+    backend type associated with device type cpu"), which gloo on CPU ranks would never show."""
+    expected = torch.device(device)
+    index_differs = None not in (expected.index, tensor.device.index) and expected.index != tensor.device.index
+    if tensor.device.type != expected.type or index_differs:
+        raise RuntimeError(f"a collective of a tensor on {tensor.device}: this job's collectives take tensors on {expected}")
+
+
+def all_reduce(tensor: torch.Tensor, device: torch.device | str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+    """``torch.distributed.all_reduce`` in place, of a tensor that must be on the engine's ``device``."""
+    _on_device(tensor, device)
+    dist.all_reduce(tensor, op=op)
+
+
+def broadcast(tensor: torch.Tensor, device: torch.device | str, src: int = 0) -> None:
+    """``torch.distributed.broadcast`` in place from rank ``src``, of a tensor that must be on the engine's ``device``."""
+    _on_device(tensor, device)
+    dist.broadcast(tensor, src=src)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import datasets
     from deepspeed import DeepSpeedEngine
 
-__all__ = ["ScoredFamily", "eval_shard", "evaluate_logits", "evaluate_loss", "gather_shards", "sharded_logits"]
+__all__ = ["ScoredFamily", "eval_shard", "evaluate_logits", "evaluate_loss", "gather_shards", "sharded_logits", "to_device"]
 
 
 class ScoredFamily(Protocol):
@@ -33,6 +33,20 @@ class ScoredFamily(Protocol):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
 
     def scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]: ...
+
+
+def pinned(device: torch.device) -> bool:
+    """Whether loaders for ``device`` pin their batches: host-to-device copies from pinned memory do not block."""
+    return torch.device(device).type == "cuda"
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``batch`` on ``device``, copied without waiting for the device when the loader pinned it (``pinned``)."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _shard_loader(dataset: datasets.Dataset, indices: list[int], family: ScoredFamily, batch_size: int, device: torch.device) -> DataLoader:
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=family.collator(), pin_memory=pinned(device))
 
 
 def eval_shard(count: int, env: DistEnv) -> tuple[list[int], list[int]]:
@@ -69,12 +83,12 @@ def sharded_logits(
     engine.eval()
     count = len(dataset)
     own, padded = eval_shard(count, env)
-    loader = DataLoader(Subset(dataset, padded), batch_size=batch_size, collate_fn=family.collator())
+    loader = _shard_loader(dataset, padded, family, batch_size, engine.device)
     logits = []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not (progress and env.is_main), dynamic_ncols=True):
-        inputs = {key: value.to(engine.device) for key, value in batch.items() if key != "labels"}
-        logits.append(family.logits(engine, inputs).float().cpu())
-    local = torch.cat(logits)[: len(own)]
+        inputs = to_device({key: value for key, value in batch.items() if key != "labels"}, engine.device)
+        logits.append(family.logits(engine, inputs).float())
+    local = torch.cat(logits)[: len(own)].cpu()  # one copy to the host for the whole shard
     ordered = torch.empty(count, *local.shape[1:])
     for rank, shard in enumerate(gather_shards(local, env)):
         ordered[rank :: env.world_size] = shard
@@ -103,12 +117,13 @@ def evaluate_loss(
     was_training = getattr(engine, "module", engine).training
     engine.eval()
     own, padded = eval_shard(len(dataset), env)
-    loader = DataLoader(Subset(dataset, padded), batch_size=batch_size, collate_fn=family.collator())
+    loader = _shard_loader(dataset, padded, family, batch_size, engine.device)
     losses = []
     for batch in loader:
-        batch = {key: value.to(engine.device) for key, value in batch.items()}
+        batch = to_device(batch, engine.device)
         logits = family.logits(engine, {key: value for key, value in batch.items() if key != "labels"})
-        losses += [float(family.loss(logits[i : i + 1], batch["labels"][i : i + 1])) for i in range(len(logits))]
+        # Per example (family.loss is a mean over a batch), kept on the device: one copy to the host at the end.
+        losses += [family.loss(logits[i : i + 1], batch["labels"][i : i + 1]) for i in range(len(logits))]
     engine.train(was_training)
-    shards = gather_shards(losses[: len(own)], env)
+    shards = gather_shards(torch.stack(losses[: len(own)]).double().cpu().tolist() if own else [], env)
     return sum(sum(shard) for shard in shards) / len(dataset)

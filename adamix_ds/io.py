@@ -85,21 +85,35 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def full_precision(param: nn.Parameter) -> torch.Tensor:
+    """The whole fp32 value of ``param``: DeepSpeed's fp32 master copy where its optimizer keeps one (ZeRO 1-3, and
+    bf16 at stage 0), else the parameter itself. Under ``--bf16`` the module holds a bf16 copy that the step
+    rounds; the masters are what training arrived at. Collective under ZeRO: every rank calls it, in one order."""
+    if hasattr(param, "_hp_mapping") or hasattr(param, "_z3_optimizer"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            return master.float()
+    return param.detach().to(torch.float32, copy=True)  # a copy: a ZeRO-3 parameter's gathered storage is released
+
+
 def adapter_state_dict(model: nn.Module, merged: bool = False) -> dict[str, torch.Tensor]:
     """CPU tensors of the experts (or their merge with ``merged``: ``AdaMixLayer.merged_weights``), the routing
-    counters and the head.
+    counters and the head. Weights are float32, from the fp32 masters where an optimizer keeps them
+    (``full_precision``), and merged in fp32.
 
-    Call it on every rank under ZeRO-3: partitioned parameters are gathered collectively.
+    Call it on every rank under ZeRO: partitioned parameters and masters are gathered collectively.
     """
     params = _adapter_parameters(model)
     with gathered(list(params.values())):
-        tensors = {key: param.detach() for key, param in params.items()}
-        if merged:  # each layer's merge (uniform, or the coefficients adamix_ds.merging.set_merge gave it)
-            for name, layer in adamix_layers(model):
-                names = {id(param): f"{name}.{pname}" for pname, param in layer.named_parameters(recurse=False)}
-                experts = layer.expert_parameters()
-                tensors.update(zip((names[id(p)] for p in experts), layer.merge_tensors([p.detach() for p in experts]), strict=True))
-        tensors = {key: value.cpu().clone().contiguous() for key, value in tensors.items()}
+        tensors = {key: full_precision(param) for key, param in params.items()}
+    if merged:  # each layer's merge (uniform, or the coefficients adamix_ds.merging.set_merge gave it)
+        for name, layer in adamix_layers(model):
+            keys = {id(param): f"{name}.{pname}" for pname, param in layer.named_parameters(recurse=False)}
+            experts = [keys[id(p)] for p in layer.expert_parameters()]
+            tensors.update(zip(experts, layer.merge_tensors([tensors[key] for key in experts]), strict=True))
+    tensors = {key: value.cpu().contiguous() for key, value in tensors.items()}
     for name, layer in adamix_layers(model):
         tensors[f"{name}.{EXTRA_STATE}"] = layer.get_extra_state()
     return tensors

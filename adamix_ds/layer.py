@@ -153,12 +153,10 @@ class AdaMixLayer(nn.Module):
     # -- merging ----------------------------------------------------------------------------------
     def merge_tensors(self, params: list[torch.Tensor]) -> Weights:
         """``params`` (the expert parameters' values) averaged over their experts, ``[1, ...]`` each: uniformly, or
-        weighted by ``merge_coefficients``."""
+        weighted by ``merge_coefficients``. Computed in fp32 on ``params``' device and returned in their dtype:
+        a bf16 average would round the weights (1/3 is 0.33398 in bf16) before it rounds the result."""
         coefficients = self.merge_coefficients or (None,) * len(params)
-        return tuple(
-            p.mean(dim=0, keepdim=True) if c is None else (p * c.to(p.dtype)).sum(dim=0, keepdim=True)
-            for p, c in zip(params, coefficients, strict=True)
-        )
+        return tuple(_expert_average(p, c) for p, c in zip(params, coefficients, strict=True))
 
     def set_merge_coefficients(self, coefficients: tuple[torch.Tensor | None, ...] | None) -> None:
         """Merge with ``coefficients`` from now on (``None``: the uniform average); see ``adamix_ds.merging``."""
@@ -332,6 +330,16 @@ class AdaMixLoRA(AdaMixLayer):
         weight = self.base_layer.weight
         weight.add_((delta.T if isinstance(self.base_layer, Conv1D) else delta).to(weight.dtype))
         return self.base_layer
+
+
+def _expert_average(values: torch.Tensor, coefficients: torch.Tensor | None) -> torch.Tensor:
+    """``values`` (``[M, ...]``) averaged over dim 0 in fp32, uniformly or weighted by ``coefficients``."""
+    full = values.float()
+    if coefficients is None:
+        merged = full.mean(dim=0, keepdim=True)
+    else:
+        merged = (full * coefficients.to(device=values.device, dtype=torch.float32)).sum(dim=0, keepdim=True)
+    return merged.to(values.dtype)
 
 
 def _normal_experts(num: int, shape: tuple[int, ...], init: str, factory: dict) -> torch.Tensor:

@@ -86,10 +86,10 @@ def soup_coefficients(model: nn.Module, experts: Sequence[int]) -> Coefficients:
             if not routed:
                 entries.append(None)
                 continue
-            count = getattr(param, "ds_shape", param.shape)[0]
-            weights = torch.zeros(count, *[1] * (len(getattr(param, "ds_shape", param.shape)) - 1))
-            weights[list(experts)] = 1.0 / len(experts)
-            entries.append(weights)
+            shape = getattr(param, "ds_shape", param.shape)
+            # On the parameter's device, in fp32: merge_tensors multiplies them with the parameter there.
+            weights = [1.0 / len(experts) if k in experts else 0.0 for k in range(shape[0])]
+            entries.append(torch.tensor(weights, device=param.device).view(shape[0], *[1] * (len(shape) - 1)))
         coefficients[name] = tuple(entries)
     return coefficients
 

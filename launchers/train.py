@@ -21,7 +21,6 @@ Several nodes: deepspeed --hostfile hostfile launchers/train.py ...; one process
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import shutil
@@ -35,7 +34,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoTokenizer
@@ -78,6 +76,7 @@ from adamix_ds.training import (
 from adamix_ds.training.arguments import DEMO_PRESET, family_options, to_dict
 from adamix_ds.training.checkpoint import CHECKPOINTS, CheckpointSaveError
 from adamix_ds.training.elastic import resume_checkpoint
+from adamix_ds.training.loop import BestKeeper, LossWindow, evaluation_due, log_events, step_batches, train_step
 from adamix_ds.training.eval_modes import EVAL_MODES_FILE, evaluate_modes, parse_eval_modes
 from adamix_ds.training.merges import MERGE_MODES, compute_merges, hold_out
 from adamix_ds.training.preemption import PreemptionSignal, request_requeue
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=schedule.lr_scheduler
     )
     guard = ExpertStepGuard(engine.module, DeepSpeedOptimizerAccess(engine), run.adamix.unrouted_experts)
-    preemption = PreemptionSignal(engine.device)  # Slurm's SIGUSR1 before the time limit (launchers/slurm/)
+    preemption = PreemptionSignal()  # Slurm's SIGUSR1 before the time limit (launchers/slurm/)
     elastic = None
     if checkpoint is not None:
         elastic = resume_checkpoint(engine, checkpoint, state, layout, schedule, output_dir / CHECKPOINTS)
@@ -209,86 +208,46 @@ def main(argv: list[str] | None = None) -> None:
         "zero_stage": zero_stage(ds_config),
         "seed": args.seed,
     }
-    collator = family.collator()
-    loader = train_loader(data.train, collator, args.per_device_train_batch_size, env, args.seed)
+    loader = train_loader(data.train, family.collator(), args.per_device_train_batch_size, env, args.seed, engine.device)
     best_key = "eval_" + (args.metric_for_best_model or family.metric_names[0]).removeprefix("eval_")
     best_dir = output_dir / ("best_model" if config is None else "best_adapter")
-    accumulation = args.gradient_accumulation_steps
+    save_options = {"tokenizer": tokenizer, "hyperparameters": card_hyperparameters}
+    evaluate_and_keep_best = BestKeeper(
+        engine, data, family, args.per_device_eval_batch_size, env, output_dir, state, best_key, best_dir, save_options
+    )
 
-    def log_events(metrics: dict[str, float], step: int) -> None:
-        if engine.monitor.enabled:
-            engine.monitor.write_events([(name.replace("_", "/", 1), value, step) for name, value in metrics.items()])
-
-    def evaluate_and_keep_best(step: int) -> dict[str, float]:
-        metrics = evaluate_splits(engine, data, family, args.per_device_eval_batch_size, env, output_dir)
-        log_events(metrics, step)
-        logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        # A split without a dev set (LiST) has no best evaluation: the model is never selected on the test set.
-        if best_key in metrics and (state.best_metric is None or metrics[best_key] > state.best_metric):
-            state.best_metric, state.best_step, state.best_metrics = metrics[best_key], step, metrics
-            save_model(engine, best_dir, merged=True, tokenizer=tokenizer, metrics=metrics, hyperparameters=card_hyperparameters)
-        return metrics
-
-    # -- Training: a step is `accumulation` micro-batches, each one or two routed passes (consistency loss).
+    # -- Training: a step is --gradient_accumulation_steps micro-batches, each one or two routed passes (consistency loss). The
+    # host reads the device once per log line, where the ranks also agree to stop on Slurm's signal.
     step = start_step = saved_step = state.global_step
-    epoch, skip = schedule.position(step + state.data_step_offset)
     metrics: dict[str, float] = {}
-    stop = False  # set on every rank at once when any rank got the preemption signal
-    window = torch.zeros(3)  # task loss, consistency loss, micro-batches since the last log line
+    window = LossWindow(engine.device)
+    stop = False
     last_task_loss: float | None = None  # the last log line's, what metrics.json reports as the final one
-    window_start = train_start = time.perf_counter()
+    train_start = time.perf_counter()
     engine.train()
     with (
         logging_redirect_tqdm(),
         tqdm(total=schedule.total_steps, initial=step, disable=not env.is_main, desc="train", dynamic_ncols=True) as bar,
     ):
-        while step < schedule.total_steps:
-            loader.sampler.set_position(epoch, skip * args.per_device_train_batch_size)
-            for micro, batch in enumerate(itertools.islice(loader, schedule.steps_per_epoch * accumulation - skip)):
-                if micro % accumulation == 0:
-                    torch.manual_seed(step_seed(args.seed, env.rank, step))  # dropout: a function of the step
-                batch = {key: value.to(engine.device) for key, value in batch.items()}
-                out = family.train_loss(engine, batch, run.adamix.consistency_weight)
-                engine.backward(out.loss)
-                window += torch.tensor([out.task_loss.item(), out.consistency_loss.item(), 1.0])
-                if not engine.is_gradient_accumulation_boundary():
-                    engine.step()  # DeepSpeed only counts the micro-step here
-                    continue
-                guard.step(engine.step)
-                step += 1
-                state.global_step = step
-                bar.update(1)
-                if step % args.logging_steps == 0 or step == schedule.total_steps:
-                    dist.all_reduce(window)
-                    elapsed = time.perf_counter() - window_start
-                    task_loss, consistency, count = window.tolist()
-                    logs = {
-                        "train_loss": (task_loss + run.adamix.consistency_weight * consistency) / count,
-                        "train_task_loss": task_loss / count,
-                        "train_consistency_loss": consistency / count,
-                        "train_learning_rate": scheduler.get_last_lr()[0],
-                        "train_samples_per_second": count * args.per_device_train_batch_size / elapsed,
-                    }
-                    log_events(logs, step)
-                    last_task_loss = logs["train_task_loss"]
-                    bar.set_postfix(loss=f"{logs['train_loss']:.4f}", lr=f"{logs['train_learning_rate']:.2e}")
-                    window.zero_()
-                    window_start = time.perf_counter()
-                evaluated = (args.eval_strategy == "steps" and step % args.eval_steps == 0) or (
-                    args.eval_strategy == "epoch" and (step + state.data_step_offset) % schedule.steps_per_epoch == 0
-                )
-                if evaluated:
-                    metrics = {**evaluate_and_keep_best(step), "step": step}
-                if (args.save_steps is None and evaluated) or (args.save_steps is not None and step % args.save_steps == 0):
-                    saved = save_checkpoint(engine, output_dir, state, args.save_total_limit)
-                    saved_step = step
-                    logger.info("saved %s (%.2f MB)", saved, directory_bytes(saved) / 1e6)
-                stop = preemption.requested()
-                if step == schedule.total_steps or stop:
-                    break
+        for batches in step_batches(loader, schedule, state):
+            train_step(engine, guard, family, batches, run.adamix.consistency_weight, window, step_seed(args.seed, env.rank, step))
+            step = state.global_step = step + 1
+            bar.update(1)
+            if step % args.logging_steps == 0 or step == schedule.total_steps:
+                means = window.close(preemption.received)
+                logs = means.logs(run.adamix.consistency_weight, scheduler.get_last_lr()[0], args.per_device_train_batch_size)
+                log_events(engine, logs, step)
+                bar.set_postfix(loss=f"{logs['train_loss']:.4f}", lr=f"{logs['train_learning_rate']:.2e}")
+                last_task_loss, stop = means.task_loss, means.stop
+            evaluated = evaluation_due(args.eval_strategy, args.eval_steps, step, step + state.data_step_offset, schedule.steps_per_epoch)
+            if evaluated:
+                metrics = evaluate_and_keep_best(step)
+            if (args.save_steps is None and evaluated) or (args.save_steps is not None and step % args.save_steps == 0):
+                saved = save_checkpoint(engine, output_dir, state, args.save_total_limit)
+                saved_step = step
+                logger.info("saved %s (%.2f MB)", saved, directory_bytes(saved) / 1e6)
             if stop:
                 break
-            epoch, skip = epoch + 1, 0
     train_runtime = time.perf_counter() - train_start
 
     if stop:  # checkpoint and leave; the requeued job resumes from output_dir
@@ -302,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- The end: evaluate the merged model, keep a resumable checkpoint, save merged adapter and experts.
     if metrics.get("step") != step:
-        metrics = {**evaluate_and_keep_best(step), "step": step}
+        metrics = evaluate_and_keep_best(step)
     # The merges beyond the uniform average: evaluated as modes, and the one --merge names is what adapter/ holds.
     merged = compute_merges(merges, engine, family, data.train, holdout, args.per_device_eval_batch_size, env, run.adamix.fisher_batches)
     # The held-out rows' task loss under the model as evaluated (AdaMix: the uniform merge): every method's, alike.

@@ -117,6 +117,7 @@ class PromptClassification(TaskFamily):
         self.kind = lm_kind(AutoConfig.from_pretrained(model_path), model_path)
         self.template, self.words = prompt_setup(spec, template, label_words)
         self.word_ids = label_word_ids(self.words, tokenizer)
+        self._word_index: torch.Tensor | None = None  # word_ids on the model's device, made once
         self.prompt = PromptEncoder(self.template, tokenizer, causal=self.kind == "causal", max_length=max_length)
         self.train_lm_head = train_lm_head
 
@@ -173,7 +174,9 @@ class PromptClassification(TaskFamily):
         else:
             logits = model(**inputs).logits
             vocabulary = logits[torch.arange(logits.shape[0], device=logits.device), positions]
-        return vocabulary[:, self.word_ids]
+        if self._word_index is None or self._word_index.device != vocabulary.device:
+            self._word_index = torch.tensor(self.word_ids, device=vocabulary.device)
+        return vocabulary.index_select(-1, self._word_index)
 
     def _target(self, labels: torch.Tensor) -> torch.Tensor:
         high = labels.float() / REGRESSION_RANGE

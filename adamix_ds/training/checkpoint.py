@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adamix_ds.distributed import dist_env
-from adamix_ds.io import atomic_directory, gathered, save_adapter, write_atomically
+from adamix_ds.io import atomic_directory, save_adapter, write_atomically
 from adamix_ds.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from adamix_ds.training.runtime import logger
 
@@ -348,8 +348,12 @@ def save_model(
     if getattr(model, "adamix_config", None) is not None:
         save_adapter(model, path, merged=merged, metrics=metrics, hyperparameters=hyperparameters)
         return
-    with gathered(list(model.parameters())):
-        state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+    if engine.zero_optimization_partition_weights():
+        # One layer gathered at a time and copied to host memory on rank 0 only (None elsewhere), not the whole
+        # model on every rank.
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = model.state_dict() if dist.get_rank() == 0 else None
     if dist.get_rank() == 0:
         with atomic_directory(path) as scratch:
             model.save_pretrained(scratch, state_dict=state)

@@ -7,11 +7,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from adamix_ds.data import TaskData
 from adamix_ds.distributed import DistEnv
+from adamix_ds.evaluation import pinned
 
 if TYPE_CHECKING:
     import datasets
@@ -40,12 +42,16 @@ class ResumableSampler(Sampler[int]):
         return len(self.inner) - self.skip
 
 
-def train_loader(dataset: datasets.Dataset, collator: Callable, micro_batch_size: int, env: DistEnv, seed: int) -> DataLoader:
-    """Micro-batches of this rank's share of ``dataset``; position it with ``loader.sampler.set_position``.
+def train_loader(
+    dataset: datasets.Dataset, collator: Callable, micro_batch_size: int, env: DistEnv, seed: int, device: torch.device
+) -> DataLoader:
+    """Micro-batches of this rank's share of ``dataset`` for ``device`` (pinned for a GPU); position it with
+    ``loader.sampler.set_position``.
 
     No worker processes: batches come in the same order with the same contents on every run.
     """
-    return DataLoader(dataset, batch_size=micro_batch_size, sampler=ResumableSampler(len(dataset), env, seed), collate_fn=collator)
+    sampler = ResumableSampler(len(dataset), env, seed)
+    return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=collator, pin_memory=pinned(device))
 
 
 def evaluate_splits(

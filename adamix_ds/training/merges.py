@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from adamix_ds.data import TaskData
-from adamix_ds.distributed import DistEnv
-from adamix_ds.evaluation import evaluate_loss
+from adamix_ds.distributed import DistEnv, broadcast
+from adamix_ds.evaluation import evaluate_loss, to_device
 from adamix_ds.merging import Coefficients, expert_scores, fisher_coefficients, fisher_diagonals, greedy_soup, soup_coefficients
 
 if TYPE_CHECKING:
@@ -87,11 +87,16 @@ def compute_merges(
             raise ValueError(f"fisher_batches={fisher_batches} is invalid: allowed an integer >= 1")
         count = min(len(train), fisher_batches * batch_size)
         loader = DataLoader(Subset(train, range(count)), batch_size=batch_size, collate_fn=family.collator())
-        batches = [{key: value.to(model.device) for key, value in batch.items()} for batch in loader]
+        batches = [to_device(batch, model.device) for batch in loader]
 
         def loss(module: nn.Module, batch: dict) -> Any:
             return family.loss(family.logits(module, {k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
 
         fisher = fisher_diagonals(model, batches, loss)
+        if env.world_size > 1:
+            # Each rank summed the same batches, but reductions on GPUs need not agree to the bit: every rank
+            # merges with rank 0's estimate, the one that rank 0 saves.
+            for values in (v for entries in fisher.values() for v in entries if v is not None):
+                broadcast(values, model.device)
         merges["fisher"] = fisher_coefficients(fisher), {"fisher_batches": len(batches), "batch_size": batch_size, "examples": count}
     return merges

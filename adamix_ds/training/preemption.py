@@ -10,33 +10,24 @@ import os
 import signal
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 REQUEUE_FILE_ENV = "ADAMIX_REQUEUE_FILE"
 
 
 class PreemptionSignal:
-    """Records SIGUSR1; ``requested()`` tells every rank at once whether any rank received it.
+    """Records SIGUSR1 on this rank (``received``).
 
-    Ranks can get the signal a moment apart; agreeing through one all-reduce per optimizer step makes
-    them all stop after the same step, so no rank waits in a collective the others have left.
+    Ranks can get the signal a moment apart; they agree at the next log line, in the all-reduce that
+    ``adamix_ds.training.loop.LossWindow.close`` makes anyway, and all stop after that same step, so no rank waits
+    in a collective the others have left and no optimizer step waits for the host. The stop therefore comes within
+    ``--logging_steps`` steps of the signal: Slurm's warning (``--signal=USR1@180``) must leave that much time.
     """
 
-    def __init__(self, device: torch.device, signum: int = signal.SIGUSR1) -> None:
-        self.device = device
+    def __init__(self, signum: int = signal.SIGUSR1) -> None:
         self.received = False
         signal.signal(signum, self._record)
 
     def _record(self, signum: int, frame: object) -> None:
         self.received = True
-
-    def requested(self) -> bool:
-        """True on every rank once any rank has received the signal."""
-        flag = torch.tensor([float(self.received)], device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def request_requeue() -> Path | None:
