@@ -12,7 +12,7 @@
 
 The sweep file format is documented in adamix_ds/sweep.py. Complete runs are skipped and interrupted ones
 resume, so every command can be repeated. A study that spans machines keeps the records of its finished runs
-(metrics.json, eval_modes.json, run_config.json: kilobytes) where ``summarize --output`` writes them, and
+(metrics.json, eval_modes.json, random_routing.json, run_config.json: kilobytes) where ``summarize --output`` writes them, and
 ``run``/``submit --records`` (one or more folders) put them back so that those runs count as complete. A bad sweep file stops
 before anything runs: one line, exit 2.
 
