@@ -15,7 +15,10 @@ setup(
         # 0.19.3: the first release with both frozen-backbone fixes this project needs (bf16 + ZeRO-0 memory, 0.19.2;
         # activation checkpointing with frozen parameters under ZeRO-3, 0.19.3). Tested: 0.19.8.
         "deepspeed>=0.19.3,<0.20",
-        "transformers>=4.46,<6",
+        # 4.52: transformers.modeling_layers (GradientCheckpointingLayer, read by the planner). Tested: 5.25.
+        "transformers>=4.52,<6",
+        # Model cards, Hub uploads (--push_to_hub) and adapter downloads (load_for_inference). Tested: 2.5.
+        "huggingface_hub>=0.24",
         "datasets>=3.0,<6",
         "safetensors>=0.4",
         "numpy>=1.26",
@@ -35,5 +38,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "peft>=0.13,<0.22", "psutil>=5.9", "ruff>=0.6", "nltk>=3.8"],
         "kernels": ["triton>=3.1"],
+        # export_peft / launchers/export.py --format peft write a PEFT LoRA adapter.
+        "peft": ["peft>=0.13,<0.22"],
     },
 )

@@ -37,18 +37,24 @@ UnroutedExperts = Literal["untouched", "zero_grad"]
 UNROUTED_EXPERTS: tuple[UnroutedExperts, ...] = get_args(UnroutedExperts)
 
 
+# This rank's copies of a parameter's values, by kind (``WEIGHTS``: what the forward reads; ``MASTER``: the fp32
+# copy an optimizer steps where it keeps one; else a per-element optimizer state, such as AdamW's ``exp_avg``):
+# each a flat tensor holding the flattened parameter's elements from an offset on.
+LocalCopies = dict[str, tuple[torch.Tensor, int]]
+WEIGHTS, MASTER = "weights", "master"
+
+
 class OptimizerAccess(Protocol):
-    """How to read and write a parameter's master weights and per-element optimizer state."""
+    """Where this rank keeps a parameter's values: the weights, the master weights and the optimizer's per-element
+    state, whole or this rank's partition of them. Local only: no call communicates with another rank."""
 
-    def get_param(self, param: nn.Parameter) -> torch.Tensor: ...
+    def local_copies(self, param: nn.Parameter) -> LocalCopies:
+        """This rank's copies of ``param``'s values (``LocalCopies``); a kind this rank keeps nothing of is absent."""
+        ...
 
-    def set_param(self, param: nn.Parameter, value: torch.Tensor) -> None: ...
-
-    def state_keys(self, param: nn.Parameter) -> list[str]: ...
-
-    def get_state(self, param: nn.Parameter, key: str) -> torch.Tensor | None: ...
-
-    def set_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None: ...
+    def write_local(self, param: nn.Parameter, kind: str, values: torch.Tensor) -> None:
+        """Store ``values`` (the tensor ``local_copies`` gave for ``kind``, changed in place) as this rank's copy."""
+        ...
 
 
 class TorchOptimizerAccess:
@@ -57,23 +63,26 @@ class TorchOptimizerAccess:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
 
-    def get_param(self, param: nn.Parameter) -> torch.Tensor:
-        return param.detach().clone()
+    def local_copies(self, param: nn.Parameter) -> LocalCopies:
+        # AdamW's exp_avg / exp_avg_sq (and max_exp_avg_sq), once a step has made them.
+        state = self.optimizer.state.get(param, {})
+        copies = {key: (value.detach().view(-1), 0) for key, value in state.items() if torch.is_tensor(value) and value.shape == param.shape}
+        return {WEIGHTS: (param.detach().view(-1), 0), **copies}
 
-    def set_param(self, param: nn.Parameter, value: torch.Tensor) -> None:
-        with torch.no_grad():
-            param.copy_(value)
+    def write_local(self, param: nn.Parameter, kind: str, values: torch.Tensor) -> None:
+        """Nothing to do: ``local_copies`` are views of the parameter and of the optimizer's state."""
 
-    def state_keys(self, param: nn.Parameter) -> list[str]:
-        # AdamW's exp_avg / exp_avg_sq (and max_exp_avg_sq); after the first step the state exists.
-        return [k for k, v in self.optimizer.state.get(param, {}).items() if torch.is_tensor(v) and v.shape == param.shape]
 
-    def get_state(self, param: nn.Parameter, key: str) -> torch.Tensor | None:
-        value = self.optimizer.state.get(param, {}).get(key)
-        return None if value is None else value.detach().clone()
-
-    def set_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None:
-        self.optimizer.state[param][key].copy_(value)
+def expert_spans(numel: int, experts: int, chosen: list[int], offset: int, length: int) -> list[tuple[int, int]]:
+    """Where the ``chosen`` experts of a ``[experts, ...]`` parameter of ``numel`` elements lie in a local copy of its
+    flattened elements ``[offset, offset + length)``: ``(start, end)`` positions within the copy, possibly none."""
+    size = numel // experts
+    spans = []
+    for expert in chosen:
+        start, end = max(expert * size, offset), min((expert + 1) * size, offset + length)
+        if start < end:
+            spans.append((start - offset, end - offset))
+    return spans
 
 
 class ExpertStepGuard:
@@ -83,7 +92,7 @@ class ExpertStepGuard:
     boundary) instead of the bare step. With ``unrouted="untouched"`` the step leaves those experts as they
     were; with ``"zero_grad"`` it acts on their zero gradients like on any other (the module docstring says
     which reference run each matches). Routing is identical on every rank, so every rank restores the same
-    slices.
+    experts, each in the copies it keeps: no rank communicates with another.
     """
 
     def __init__(self, model: nn.Module, access: OptimizerAccess, unrouted: UnroutedExperts = "untouched") -> None:
@@ -93,36 +102,44 @@ class ExpertStepGuard:
         self.access = access
         self.unrouted = unrouted
 
-    def _unrouted(self) -> list[tuple[nn.Parameter, list[int]]]:
-        """The expert slices to restore around the step: none unless unrouted experts stay untouched."""
+    def _unrouted(self) -> list[tuple[nn.Parameter, int, list[int]]]:
+        """The parameters to restore around the step, with their expert count and unrouted experts: none unless
+        unrouted experts stay untouched."""
         if self.unrouted == "zero_grad":
             return []
         result = []
         for _, layer in adamix_layers(self.model):
             for projection in Projection:
-                unused = [k for k in range(layer.experts_in(projection)) if k not in layer.routed[projection]]
+                experts = layer.experts_in(projection)
+                unused = [k for k in range(experts) if k not in layer.routed[projection]]
                 if unused:
-                    result.extend((param, unused) for param in layer.projection_parameters(projection) if param.requires_grad)
+                    result.extend((param, experts, unused) for param in layer.projection_parameters(projection) if param.requires_grad)
         return result
+
+    def _spans(self, param: nn.Parameter, experts: int, unused: list[int], copy: torch.Tensor, offset: int) -> list[tuple[int, int]]:
+        numel = getattr(param, "ds_numel", param.numel())  # a ZeRO-3 parameter's own numel is its placeholder's
+        return expert_spans(numel, experts, unused, offset, copy.numel())
 
     def step(self, step_fn: Callable[[], T]) -> T:
         """Run ``step_fn`` (the optimizer step); with ``untouched``, undo its effect on unrouted expert slices."""
-        saved: list[tuple[nn.Parameter, list[int], torch.Tensor, dict[str, torch.Tensor | None]]] = []
-        for param, unused in self._unrouted():
-            states = {key: self.access.get_state(param, key) for key in self.access.state_keys(param)}
-            saved.append(
-                (param, unused, self.access.get_param(param)[unused], {k: v if v is None else v[unused] for k, v in states.items()})
-            )
+        saved = []
+        for param, experts, unused in self._unrouted():
+            kept = {
+                kind: [copy[start:end].clone() for start, end in self._spans(param, experts, unused, copy, offset)]
+                for kind, (copy, offset) in self.access.local_copies(param).items()
+            }
+            saved.append((param, experts, unused, kept))
         result = step_fn()
-        for param, unused, weights, states in saved:
-            full = self.access.get_param(param)
-            full[unused] = weights.to(full.dtype)
-            self.access.set_param(param, full)
-            for key in self.access.state_keys(param):
-                value = self.access.get_state(param, key)
-                # A state created by this very step started from zero, as it would have for an unused expert.
-                value[unused] = 0 if states.get(key) is None else states[key].to(value.dtype)
-                self.access.set_state(param, key, value)
+        with torch.no_grad():
+            for param, experts, unused, kept in saved:
+                for kind, (copy, offset) in self.access.local_copies(param).items():
+                    spans = self._spans(param, experts, unused, copy, offset)
+                    if not spans:
+                        continue
+                    for index, (start, end) in enumerate(spans):
+                        # A state created by this very step started from zero, as it would have for an unused expert.
+                        copy[start:end] = kept[kind][index] if kind in kept else 0
+                    self.access.write_local(param, kind, copy)
         for _, layer in adamix_layers(self.model):
             layer.reset_routed()
         return result
