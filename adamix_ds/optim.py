@@ -66,7 +66,9 @@ class TorchOptimizerAccess:
     def local_copies(self, param: nn.Parameter) -> LocalCopies:
         # AdamW's exp_avg / exp_avg_sq (and max_exp_avg_sq), once a step has made them.
         state = self.optimizer.state.get(param, {})
-        copies = {key: (value.detach().view(-1), 0) for key, value in state.items() if torch.is_tensor(value) and value.shape == param.shape}
+        copies = {
+            key: (value.detach().view(-1), 0) for key, value in state.items() if torch.is_tensor(value) and value.shape == param.shape
+        }
         return {WEIGHTS: (param.detach().view(-1), 0), **copies}
 
     def write_local(self, param: nn.Parameter, kind: str, values: torch.Tensor) -> None:

@@ -76,8 +76,8 @@ from adamix_ds.training import (
 from adamix_ds.training.arguments import DEMO_PRESET, family_options, to_dict
 from adamix_ds.training.checkpoint import CHECKPOINTS, CheckpointSaveError
 from adamix_ds.training.elastic import resume_checkpoint
-from adamix_ds.training.loop import BestKeeper, LossWindow, evaluation_due, log_events, step_batches, train_step
 from adamix_ds.training.eval_modes import EVAL_MODES_FILE, evaluate_modes, parse_eval_modes
+from adamix_ds.training.loop import BestKeeper, LossWindow, checkpoint_due, evaluation_due, log_events, step_batches, train_step
 from adamix_ds.training.merges import MERGE_MODES, compute_merges, hold_out
 from adamix_ds.training.preemption import PreemptionSignal, request_requeue
 from adamix_ds.training.runtime import logger
@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         engine, data, family, args.per_device_eval_batch_size, env, output_dir, state, best_key, best_dir, save_options
     )
 
-    # -- Training: a step is --gradient_accumulation_steps micro-batches, each one or two routed passes (consistency loss). The
-    # host reads the device once per log line, where the ranks also agree to stop on Slurm's signal.
+    # -- Training: a step is --gradient_accumulation_steps micro-batches, each one or two routed passes (consistency
+    # loss). The host reads the device once per log line, where the ranks also agree to stop on Slurm's signal.
     step = start_step = saved_step = state.global_step
     metrics: dict[str, float] = {}
     window = LossWindow(engine.device)
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             evaluated = evaluation_due(args.eval_strategy, args.eval_steps, step, step + state.data_step_offset, schedule.steps_per_epoch)
             if evaluated:
                 metrics = evaluate_and_keep_best(step)
-            if (args.save_steps is None and evaluated) or (args.save_steps is not None and step % args.save_steps == 0):
+            if checkpoint_due(args.save_steps, step, evaluated):
                 saved = save_checkpoint(engine, output_dir, state, args.save_total_limit)
                 saved_step = step
                 logger.info("saved %s (%.2f MB)", saved, directory_bytes(saved) / 1e6)

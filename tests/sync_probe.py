@@ -43,9 +43,8 @@ def main(argv: list[str]) -> None:
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo / "launchers"))
     import deepspeed
-    import transformers.masking_utils
-
     import train as launcher
+    import transformers.masking_utils
 
     reads = HostReads()
     calls: Counter[str] = Counter()

@@ -14,7 +14,6 @@ import ast
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -57,7 +56,9 @@ def families(tmp_path_factory):
     classifier = tiny_classifier("bert")
     cases["classification"] = (build_family(sst2, minilm_tokenizer(), LENGTH, str(root)), classifier, _meta_batch(labels=_labels((BATCH,))))
     for kind, model in (("bert", tiny_masked_lm()), ("gpt2", tiny_causal_lm())):
-        family = build_family(sst2, minilm_tokenizer() if kind == "bert" else gpt2_tokenizer(), LENGTH, str(save_tiny(root / kind, kind)), prompt=True)
+        family = build_family(
+            sst2, minilm_tokenizer() if kind == "bert" else gpt2_tokenizer(), LENGTH, str(save_tiny(root / kind, kind)), prompt=True
+        )
         inputs = {"mask_position": _labels((BATCH,)), "labels": _labels((BATCH,))}
         if kind == "gpt2":  # the causal prompt path computes positions from the mask; eager attention reads no mask value
             model.set_attn_implementation("eager")
@@ -116,7 +117,9 @@ def test_every_merge_is_made_and_applied_on_the_device(families, name, merge):
         coefficients = fisher_coefficients(fisher_diagonals(model, [batch], loss))
     else:
         # A greedy soup is a uniform average of the experts it keeps; the best expert a soup of one.
-        coefficients = {"uniform": None, "greedy_soup": soup_coefficients(model, [0, 2]), "best_expert": soup_coefficients(model, [1])}[merge]
+        coefficients = {"uniform": None, "greedy_soup": soup_coefficients(model, [0, 2]), "best_expert": soup_coefficients(model, [1])}[
+            merge
+        ]
     set_merge(model, coefficients)
     try:
         for _, layer in adamix_layers(model):

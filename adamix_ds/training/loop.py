@@ -1,5 +1,6 @@
 """The launcher's training loop in named parts: the micro-batches of each optimizer step, the step itself, the
-window of losses that a log line reports, and evaluation with the best checkpoint. Every rank runs them alike.
+window of losses that a log line reports, when to evaluate and to checkpoint, and evaluation with the best
+checkpoint. Every rank runs them alike.
 
 What each rank asks of its device per optimizer step: the forward and backward passes of the step's micro-batches,
 the logged losses added up on the device, and the engine's step. The host reads the device once per logging
@@ -128,6 +129,12 @@ def evaluation_due(strategy: str, eval_steps: int | None, step: int, data_step: 
     if strategy == "steps":
         return step % eval_steps == 0
     return strategy == "epoch" and data_step % steps_per_epoch == 0
+
+
+def checkpoint_due(save_steps: int | None, step: int, evaluated: bool) -> bool:
+    """Whether the run saves a resumable checkpoint after step ``step``: every ``save_steps`` steps, or (without
+    ``--save_steps``) after each evaluation."""
+    return evaluated if save_steps is None else step % save_steps == 0
 
 
 def log_events(engine: DeepSpeedEngine, metrics: dict[str, float], step: int) -> None:

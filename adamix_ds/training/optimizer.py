@@ -56,7 +56,12 @@ class DeepSpeedOptimizerAccess:
     def _state_keys(self) -> list[str]:
         """The optimizer's per-element state keys (none before its first step)."""
         return sorted(
-            {key for owner, state in self.base.state.items() for key, value in state.items() if torch.is_tensor(value) and value.shape == owner.shape}
+            {
+                key
+                for owner, state in self.base.state.items()
+                for key, value in state.items()
+                if torch.is_tensor(value) and value.shape == owner.shape
+            }
         )
 
     def _master_slice(self, param: nn.Parameter, key: str | None = None) -> torch.Tensor:
