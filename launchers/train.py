@@ -60,6 +60,7 @@ from adamix_ds.training import (
     evaluate_splits,
     find_checkpoint,
     init_distributed,
+    jit_builds_fused_adam,
     parse_args,
     resolve_data_dir,
     resolve_model_path,
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(
                 "fisher merging needs whole parameters, not ZeRO-3 partitions: use ZeRO 0-2, or launchers/evaluate.py on OUT/experts"
             )
-        if torch.cuda.is_available():  # where DeepSpeed JIT-builds its fused AdamW
+        if torch.cuda.is_available() and jit_builds_fused_adam(ds_config):  # a config of the user's: DeepSpeed's FusedAdam
             check_cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
         torch.manual_seed(args.seed)  # the same head and expert initialisation on every rank
         model = family.load_model(model_path, run.model.backbone_dropout)

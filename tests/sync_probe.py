@@ -84,9 +84,19 @@ def main(argv: list[str]) -> None:
     deepspeed.DeepSpeedEngine.step = charged("deepspeed_step", deepspeed.DeepSpeedEngine.step, inner=True)
     masks = transformers.masking_utils
     masks._ignore_bidirectional_mask_sdpa = charged("transformers_mask", masks._ignore_bidirectional_mask_sdpa, inner=True)
+    optimizer = {}
+    initialize = launcher.deepspeed.initialize
+
+    def recording_initialize(*args, **kwargs):
+        engine, *rest = initialize(*args, **kwargs)
+        # What the shipped config's optimizer section became: no JIT-built DeepSpeed FusedAdam on a GPU.
+        optimizer.update(type=type(engine.basic_optimizer).__name__, fused=engine.basic_optimizer.defaults.get("fused"))
+        return (engine, *rest)
+
+    launcher.deepspeed.initialize = recording_initialize
     launcher.main(argv)
     rank = int(os.environ.get("RANK", 0))
-    report = {"reads": dict(reads.counts), "calls": dict(calls)}
+    report = {"reads": dict(reads.counts), "calls": dict(calls), "optimizer": optimizer}
     Path(f"{os.environ['SYNC_PROBE_OUTPUT']}.{rank}.json").write_text(json.dumps(report, indent=2))
 
 

@@ -227,6 +227,12 @@ def test_the_training_loop_reads_the_device_once_per_log_line(probed_run):
 
 
 @pytest.mark.slow
+def test_the_shipped_config_becomes_torchs_fused_adamw_in_the_engine(probed_run):
+    _, reports = probed_run
+    assert all(report["optimizer"] == {"type": "AdamW", "fused": True} for report in reports), reports
+
+
+@pytest.mark.slow
 def test_a_bf16_run_saves_the_fp32_masters_and_merges_them_in_fp32(probed_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

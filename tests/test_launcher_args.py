@@ -15,7 +15,15 @@ import pytest
 import torch
 
 from adamix_ds.distributed import DistEnv
-from adamix_ds.training import TrainSchedule, adamix_config, build_ds_config, check_cuda_arch_list, parse_args, step_seed
+from adamix_ds.training import (
+    TrainSchedule,
+    adamix_config,
+    build_ds_config,
+    check_cuda_arch_list,
+    jit_builds_fused_adam,
+    parse_args,
+    step_seed,
+)
 from adamix_ds.training.arguments import DEFAULT_MODEL, DEMO_PRESET
 from adamix_ds.training.data import ResumableSampler
 
@@ -334,6 +342,16 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(launcher, tmp_path, 
     assert not output_dir.exists()
 
 
+def test_only_a_config_with_deepspeeds_own_adam_on_the_gpu_needs_a_cuda_build(tmp_path):
+    run = parse_args(["--task_name", "rte", "--output_dir", str(tmp_path)])
+    built = {
+        name: jit_builds_fused_adam(build_ds_config(REPO_ROOT / "ds_configs" / f"{name}.json", run.training, 2, "job"))
+        for name in STAGE_CONFIGS
+    }
+    assert not any(built.values()), built  # torch's fused AdamW, or DeepSpeedCPUAdam for the offload config
+    assert jit_builds_fused_adam(build_ds_config(_config_file(tmp_path, optimizer__params__torch_adam=False), run.training, 2, "job"))
+
+
 @pytest.mark.parametrize("value", [None, "", "9.0", "8.0;8.6;9.0+PTX", "7.5 8.0 10.0", " 9.0 ; 12.0+PTX "])
 def test_arch_lists_deepspeed_can_build_for_pass(value):
     check_cuda_arch_list(value)
@@ -348,11 +366,12 @@ def test_arch_lists_deepspeed_cannot_parse_are_a_value_error_naming_them(value, 
 
 
 def test_a_cuda_arch_list_deepspeed_cannot_parse_exits_2_and_writes_nothing(launcher, tmp_path, capsys, monkeypatch):
-    # What a CUDA image's "9.0a" does on a GPU: checked where DeepSpeed would JIT-build its fused AdamW.
+    # What a CUDA image's "9.0a" does on a GPU with a config that has DeepSpeed JIT-build its fused AdamW.
     monkeypatch.setattr(launcher.torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     output_dir = tmp_path / "out"
-    line = _run_bad(launcher, [*TINY, "--output_dir", str(output_dir)], capsys)
+    config = ["--deepspeed", str(_config_file(tmp_path, optimizer__params__torch_adam=False))]
+    line = _run_bad(launcher, [*TINY, *config, "--output_dir", str(output_dir)], capsys)
     assert "TORCH_CUDA_ARCH_LIST='8.0;9.0a': DeepSpeed cannot build its fused optimizer for 9.0a" in line
     assert not output_dir.exists()
 

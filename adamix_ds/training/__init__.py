@@ -1,6 +1,14 @@
 """Reusable pieces of the DeepSpeed launcher (``launchers/train.py``): arguments, the DeepSpeed config
 builder, expert optimizer semantics inside DeepSpeed, checkpoints and evaluation."""
 
+from adamix_ds.training.runtime import stdout_to_stderr
+
+# DeepSpeed's logger writes to the sys.stdout of the moment it is imported, its accelerator warning among the first
+# lines: imported here first with stdout sent to stderr, its lines stay off the launchers' results on stdout.
+with stdout_to_stderr():
+    import deepspeed  # noqa: F401
+
+from adamix_ds.backbones import resolve_model_path
 from adamix_ds.distributed import DistEnv, dist_env
 from adamix_ds.evaluation import eval_shard, evaluate_logits, gather_shards
 from adamix_ds.training.arguments import (
@@ -13,7 +21,6 @@ from adamix_ds.training.arguments import (
     build_parser,
     parse_args,
     resolve_data_dir,
-    resolve_model_path,
 )
 from adamix_ds.training.checkpoint import (
     TrainerState,
@@ -26,7 +33,7 @@ from adamix_ds.training.checkpoint import (
     trainable_shapes,
 )
 from adamix_ds.training.data import ResumableSampler, evaluate_splits, train_loader
-from adamix_ds.training.ds_config import build_ds_config, check_cuda_arch_list, read_ds_config, zero_stage
+from adamix_ds.training.ds_config import build_ds_config, check_cuda_arch_list, jit_builds_fused_adam, read_ds_config, zero_stage
 from adamix_ds.training.optimizer import DeepSpeedOptimizerAccess
 from adamix_ds.training.runtime import (
     configure_threads,
@@ -64,6 +71,7 @@ __all__ = [
     "gather_shards",
     "find_checkpoint",
     "init_distributed",
+    "jit_builds_fused_adam",
     "load_checkpoint",
     "parse_args",
     "read_ds_config",

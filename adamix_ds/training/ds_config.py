@@ -90,6 +90,15 @@ def check_cuda_arch_list(value: str | None) -> None:
         )
 
 
+def jit_builds_fused_adam(config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed JIT-builds its CUDA ``FusedAdam`` for ``config`` at ``deepspeed.initialize`` on a GPU: an Adam
+    optimizer that is neither torch's (``"torch_adam": true``, as the shipped configs) nor offloaded to the CPU
+    (DeepSpeedCPUAdam, built by the host's compiler)."""
+    optimizer = config.get("optimizer", {})
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return optimizer.get("type") in ADAM_OPTIMIZERS and not optimizer.get("params", {}).get("torch_adam") and offload == "none"
+
+
 def read_ds_config(path: str | Path) -> dict[str, Any]:
     """The JSON object in ``path``; ``FileNotFoundError`` or ``ValueError`` naming the file otherwise."""
     path = Path(path)
