@@ -59,13 +59,14 @@ __all__ = ["CausalLMGeneration", "Decoding", "GeneratedNoRepeatNGram"]
 
 logger = logging.getLogger(__name__)
 
-# Between the MR and its text: what the model learns to continue after (the LoRA code's E2E format).
-SEPARATOR = " ||"
+# Between the MR and its text: what the model learns to continue after (the LoRA code's E2E format, the named
+# generation tasks' ``separator``).
+SEPARATOR = GenerationTaskSpec.separator
 
 
 @dataclass(frozen=True)
 class Decoding:
-    """Beam-search settings, named as ``generate`` names them; the defaults are the paper's (ADAMIX_SPEC §6)."""
+    """Beam-search settings, named as ``generate`` names them; the defaults are the paper's E2E decoding."""
 
     num_beams: int = 10
     length_penalty: float = 0.8
@@ -218,7 +219,7 @@ class CausalLMGeneration(TaskFamily):
         return pairs("train"), {"validation": group_pairs(pairs("validation")), "test": group_pairs(pairs("test"))}
 
     def _prompt_ids(self, mr: str) -> list[int]:
-        ids = self.tokenizer(mr + SEPARATOR)["input_ids"]  # with the tokenizer's BOS where it adds one
+        ids = self.tokenizer(mr + self.spec.separator)["input_ids"]  # with the tokenizer's BOS where it adds one
         return ids[: self.max_length - 1]  # room for at least one target token
 
     def _encode_pair(self, mr: str, text: str) -> dict[str, list[int]]:
@@ -307,10 +308,10 @@ class CausalLMGeneration(TaskFamily):
 
     @property
     def input_columns(self) -> tuple[str, ...]:
-        return ("mr",)
+        return (self.spec.input_column,)
 
     def encode_inputs(self, rows: datasets.Dataset) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({"input_ids": [self._prompt_ids(mr) for mr in rows["mr"]]})
+        return datasets.Dataset.from_dict({"input_ids": [self._prompt_ids(text) for text in rows[self.spec.input_column]]})
 
     def predict(
         self, model: DeepSpeedEngine | nn.Module, inputs: datasets.Dataset, batch_size: int, env: DistEnv, progress: bool = False
@@ -345,4 +346,4 @@ class CausalLMGeneration(TaskFamily):
 
     def record(self) -> dict[str, Any]:
         # The decoding is the default of later predictions (flags override it).
-        return {**super().record(), "separator": SEPARATOR, "decoding": dataclasses.asdict(self.decoding)}
+        return {**super().record(), "separator": self.spec.separator, "decoding": dataclasses.asdict(self.decoding)}
