@@ -14,6 +14,8 @@ ADAPTER_TYPES = ("bottleneck", "lora")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 EVAL_MODES = ("merged", "random", "fixed", "ensemble")
 EXPERT_INITS = ("independent", "shared")
+# PEFT's names of the model classes whose adapters load without a task record: a sequence classifier, a causal LM.
+TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM")
 # The reference code's experts at step 0, per adapter type: its bottleneck experts are deep copies of one module
 # that the model's ``init_weights`` then redraws one by one (independent draws); its AdaMix-LoRA deep-copies one
 # kaiming-uniform A into a ``ParameterList`` that no init touches again (one draw, copied).
@@ -49,7 +51,13 @@ class AdaMixConfig:
             ``A`` copied to every expert (``B`` is zero either way); resolved on construction.
         seed: routing seed; the expert of every (step, layer, projection) is a pure function of it.
         base_model_name_or_path: the backbone the adapter was trained on (a Hub id or a folder), as PEFT records
-            it; what ``adamix_ds.inference.load_for_inference`` loads. ``None`` in folders of older versions.
+            it; what ``adamix_ds.inference.load_for_inference`` loads. ``save_adapter`` records the model's
+            ``name_or_path`` where this is ``None``.
+        task_type: the model's class as PEFT names it (``TASK_TYPES``): ``"SEQ_CLS"`` (a sequence classifier) or
+            ``"CAUSAL_LM"``; ``None`` for other classes. Recorded by ``save_adapter``; with ``label_names`` it is what
+            ``load_for_inference`` rebuilds an adapter from when no named task is recorded (``task.json``).
+        label_names: a sequence classifier's class names, index = label id (its ``config.id2label`` when saved; one
+            name: a regression score, as transformers reads ``num_labels=1``); ``None`` for other models.
     """
 
     adapter_type: str = "bottleneck"
@@ -68,6 +76,8 @@ class AdaMixConfig:
     expert_init: str | None = None
     seed: int = 0
     base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    label_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("adapter_type", self.adapter_type, ADAPTER_TYPES)
@@ -97,7 +107,9 @@ class AdaMixConfig:
             isinstance(self.base_model_name_or_path, str) and self.base_model_name_or_path
         ):
             raise ValueError(f"base_model_name_or_path={self.base_model_name_or_path!r} is invalid: allowed None or a non-empty string")
-        for name in ("target_modules", "modules_to_save"):
+        if self.task_type is not None:
+            _check_choice("task_type", self.task_type, TASK_TYPES)
+        for name in ("target_modules", "modules_to_save", "label_names"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value)):
                 raise ValueError(f"{name}={value!r} is invalid: allowed None or a list of non-empty strings")

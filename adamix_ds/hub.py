@@ -53,7 +53,8 @@ def adapter_card(
     loadable from ``location`` (the folder, or a Hub repo id), with the run's final ``metrics`` and training
     ``hyperparameters`` when known."""
     task = dict(task or {})
-    family = task.get("family", "classification")
+    # Without a task record the model's task type decides the family, as load_for_inference reads it.
+    family = task.get("family") or ("generation" if config.task_type == "CAUSAL_LM" else "classification")
     task_name = task.get("task_name")
     method = "AdaMix-LoRA" if config.adapter_type == "lora" else "AdaMix (bottleneck adapters)"
     tags = ["adamix", "peft", "mixture-of-adapters", config.adapter_type, family, *([task_name] if task_name else [])]

@@ -1,7 +1,8 @@
 """One call from a saved adapter folder to a model that predicts, in the spirit of PEFT's ``AutoPeftModel``.
 
 ``load_for_inference(folder)`` checks the folder (its manifest), reads the adapter config (the backbone it was
-trained on: ``base_model_name_or_path``) and the task record (task, family, template, decoding), loads that
+trained on: ``base_model_name_or_path``) and the task record (task, family, template, decoding; for an adapter
+saved through the library alone, which has none, the config's ``task_type`` and ``label_names``), loads that
 backbone with the family's head, injects AdaMix, loads the adapter strictly, merges the experts (or sets another
 eval mode) and returns the model in eval mode with its tokenizer and its family's prediction step::
 
@@ -25,14 +26,14 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from adamix_ds.config import EVAL_MODES, AdaMixConfig
-from adamix_ds.data import GenerationTaskSpec, get_task_spec
+from adamix_ds.backbones import resolve_model_path
+from adamix_ds.config import CONFIG_NAME, EVAL_MODES, AdaMixConfig
+from adamix_ds.data import GenerationTaskSpec, TaskSpec, custom_task_spec, get_task_spec
 from adamix_ds.distributed import DistEnv, dist_env
-from adamix_ds.families import Decoding, SequenceClassification, TaskFamily, build_family, record_arguments
-from adamix_ds.io import load_adapter, read_task_record
+from adamix_ds.families import Decoding, TaskFamily, build_family, record_arguments
+from adamix_ds.io import TASK_NAME, load_adapter, read_task_record
 from adamix_ds.manifest import has_manifest, verify_manifest
 from adamix_ds.model import merge_adamix, set_eval_mode
-from adamix_ds.training.arguments import resolve_model_path
 
 __all__ = ["DTYPES", "LoadedAdapter", "load_for_inference"]
 
@@ -103,6 +104,25 @@ def _adapter_folder(adapter: str | Path) -> Path:
         ) from None
 
 
+def _task_spec(path: Path, config: AdaMixConfig, record: Mapping[str, Any], task_name: str | None) -> TaskSpec | GenerationTaskSpec:
+    """The task of the adapter at ``path``: ``task_name``, else the one its task record names, else the task its
+    model stands for (``config.task_type`` and ``label_names``: an adapter saved through the library alone)."""
+    recorded_task = record.get("task_name")
+    if task_name is not None and recorded_task is not None and get_task_spec(task_name).name != recorded_task:
+        raise ValueError(f"task_name={task_name} contradicts the adapter at {path}, trained on {recorded_task}: allowed {recorded_task}")
+    if task_name or recorded_task:
+        return get_task_spec(task_name or recorded_task)
+    if config.task_type is not None:
+        try:
+            return custom_task_spec(config.task_type, config.label_names)
+        except ValueError as error:
+            raise ValueError(f"the adapter at {path}: {error} (in its {CONFIG_NAME}): pass --task_name (task_name= in Python)") from None
+    raise ValueError(
+        f"the adapter at {path} records no task: no task_name in a {TASK_NAME} and no task_type in its {CONFIG_NAME} (recorded "
+        "by save_adapter for a sequence classifier or a causal LM): pass --task_name (task_name= in Python)"
+    )
+
+
 def load_for_inference(
     adapter_name_or_path: str | Path,
     base_model_name_or_path: str | None = None,
@@ -119,7 +139,10 @@ def load_for_inference(
     """Load the adapter folder (or Hub repo) ``adapter_name_or_path`` for inference; see the module docstring.
 
     ``base_model_name_or_path`` replaces the recorded backbone (a local copy of it); ``task_name`` and
-    ``max_seq_length`` replace or, for folders of older versions, supply the task record's. ``eval_mode``:
+    ``max_seq_length`` replace or, where the folder records none, supply the task record's. An adapter without a
+    named task (saved through the library alone: ``add_adamix``, ``save_adapter``) is loaded as its model records it
+    (``AdaMixConfig.task_type``): a sequence classifier of its ``label_names`` reading one text (``text``), or a
+    causal LM that continues a text. ``eval_mode``:
     ``"merged"`` merges the experts into one adapter, ``"ensemble"``/``"random"``/``"fixed"`` (with
     ``eval_expert``) keep them and route so, ``None`` keeps them with the saved eval mode. ``decoding``: fields of
     ``Decoding`` that replace the saved decoding of a generation adapter. ``device``/``dtype`` (a torch dtype or
@@ -142,16 +165,11 @@ def load_for_inference(
     base = base_model_name_or_path or config.base_model_name_or_path
     if base is None:
         raise ValueError(
-            f"the adapter at {path} does not record the backbone it was trained on (saved before base_model_name_or_path "
-            "was recorded): pass --base_model_name_or_path (base_model_name_or_path= in Python)"
+            f"the adapter at {path} does not record the backbone it was trained on (no base_model_name_or_path in its "
+            f"{CONFIG_NAME}; save_adapter records the model's name_or_path, which a model built from a config lacks): "
+            "pass --base_model_name_or_path (base_model_name_or_path= in Python)"
         )
-    recorded_task = record.get("task_name")
-    if task_name is not None and recorded_task is not None and get_task_spec(task_name).name != recorded_task:
-        raise ValueError(f"task_name={task_name} contradicts the adapter at {path}, trained on {recorded_task}: allowed {recorded_task}")
-    task = task_name or recorded_task
-    if task is None:
-        raise ValueError(f"the adapter at {path} does not record its task (saved by an older version): pass --task_name")
-    spec = get_task_spec(task)
+    spec = _task_spec(path, config, record, task_name)
     model_path = resolve_model_path(base)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model_path)
     options = record_arguments(record or None)
@@ -161,9 +179,6 @@ def load_for_inference(
     family = build_family(spec, tokenizer, length, model_path, **options)
     model = family.load_model(model_path)
     load_adapter(model, path)
-    if isinstance(family, SequenceClassification) and not spec.is_regression:  # label names travel with exports
-        model.config.id2label = dict(enumerate(spec.label_names))
-        model.config.label2id = {name: index for index, name in enumerate(spec.label_names)}
     if eval_mode == "merged":
         merge_adamix(model)
     elif eval_mode is not None:

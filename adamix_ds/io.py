@@ -22,7 +22,7 @@ from adamix_ds.config import AdaMixConfig, read_json_object
 from adamix_ds.hub import CARD_NAME, adapter_card
 from adamix_ds.layer import AdaMixLoRA, base_features
 from adamix_ds.manifest import has_manifest, verify_manifest, write_manifest
-from adamix_ds.model import adamix_layers, add_adamix, get_config, head_parameters, merge_adamix
+from adamix_ds.model import adamix_layers, add_adamix, get_config, head_parameters, loading_record, merge_adamix
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 # How the adapter's task reads its inputs (a prompt family's template and label words), so that evaluating
@@ -131,13 +131,15 @@ def save_adapter(
     their ``manifest.json`` (sizes and sha256), and the model card ``README.md`` (``adamix_ds.hub.adapter_card``,
     with the run's ``metrics`` and training ``hyperparameters`` when given) to ``path``.
 
-    ``merged=True`` writes the merged adapter (expert averages, ``num_experts=1``) without changing the
+    ``adamix_config.json`` records what loading the folder back needs (``loading_record``): the backbone, the model's
+    task type and a classifier's label names, so that ``load_for_inference`` loads an adapter saved by this function
+    alone. ``merged=True`` writes the merged adapter (expert averages, ``num_experts=1``) without changing the
     model; a model already merged by ``merge_adamix`` is saved as it is. Only rank 0 writes; the
     directory appears whole or not at all.
     """
     if getattr(model, "adamix_folded", False):
         raise ValueError("the adapter was folded into the backbone weights (merge_adamix(fold=True)): nothing left to save")
-    config = get_config(model)
+    config = loading_record(model)
     tensors = adapter_state_dict(model, merged=merged)
     if merged:
         config = AdaMixConfig.from_dict({**config.to_dict(), "num_experts": 1, "eval_expert": 0})
@@ -260,7 +262,7 @@ def export_peft(model: nn.Module, path: str | Path) -> None:
     """
     from peft import LoraConfig
 
-    config = get_config(model)
+    config = loading_record(model)
     if config.adapter_type != "lora":
         raise ValueError(f"export_peft needs adapter_type='lora', got adapter_type={config.adapter_type!r}")
     if getattr(model, "adamix_folded", False):
@@ -296,7 +298,7 @@ def export_peft(model: nn.Module, path: str | Path) -> None:
         target_modules=[name for name, _ in adamix_layers(model)],
         fan_in_fan_out=fan_in_fan_out.pop(),
         modules_to_save=list(getattr(model, "adamix_head_modules", [])) or None,
-        base_model_name_or_path=config.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        base_model_name_or_path=config.base_model_name_or_path,
         bias="none",
     )
     if not _is_main_process():

@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.layer import AdaMixBottleneck, AdaMixLayer, AdaMixLoRA, PerPassPositionBias, base_features, begin_pass, end_pass
@@ -38,6 +39,8 @@ HEAD_MODULES: dict[str, list[str]] = {
     **dict.fromkeys(("llama", "mistral", "qwen2"), ["score"]),
 }
 GENERIC_HEADS = ["classifier", "score", "qa_outputs"]
+# ``AdaMixConfig.task_type`` of a model: transformers' class for it, by model type.
+TASK_TYPE_CLASSES = {"SEQ_CLS": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "CAUSAL_LM": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
 
 
 def adamix_layers(model: nn.Module) -> Iterator[tuple[str, AdaMixLayer]]:
@@ -57,6 +60,24 @@ def get_config(model: nn.Module) -> AdaMixConfig:
 
 def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def loading_record(model: nn.Module) -> AdaMixConfig:
+    """``get_config(model)`` with what loading the adapter back needs, taken from ``model`` as PEFT takes it: the
+    backbone (``model.name_or_path``) where the config names none, the model's ``task_type`` (``TASK_TYPE_CLASSES``)
+    and a sequence classifier's ``label_names`` (``config.id2label`` in id order)."""
+    config = get_config(model)
+    model_type = _model_type(model)
+    task_type = next((t for t, classes in TASK_TYPE_CLASSES.items() if classes.get(model_type) == type(model).__name__), None)
+    id2label = getattr(model.config, "id2label", None) if task_type == "SEQ_CLS" else None
+    return AdaMixConfig.from_dict(
+        {
+            **config.to_dict(),
+            "base_model_name_or_path": config.base_model_name_or_path or getattr(model, "name_or_path", None) or None,
+            "task_type": task_type,
+            "label_names": None if id2label is None else [str(id2label[i]) for i in range(len(id2label))],
+        }
+    )
 
 
 def _fused_qkv_slices(model_type: str | None, name: str, out_features: int) -> list[tuple[int, int]] | None:

@@ -55,6 +55,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from adamix_ds.backbones import resolve_model_path
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.consistency import stacked_passes
 from adamix_ds.model import add_adamix
@@ -176,8 +177,6 @@ def model_state_bytes(
 def load_config(model: str, num_labels: int = 2) -> PretrainedConfig:
     """The config of ``model``: a published name or Hub id (``PUBLISHED_CONFIGS``, ``ALIASES``), the launcher's
     default MiniLM, a ``config.json`` or a folder with one. Nothing is downloaded; ``ValueError`` otherwise."""
-    from adamix_ds.training.arguments import resolve_model_path
-
     name = ALIASES.get(model, model)
     if name in PUBLISHED_CONFIGS:
         values = dict(PUBLISHED_CONFIGS[name])

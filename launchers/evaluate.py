@@ -24,31 +24,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in train.py: set befor
 
 import dataclasses
 
-import torch
-
 from adamix_ds.inference import load_for_inference
-from adamix_ds.training import (
-    configure_threads,
-    dist_env,
-    init_distributed,
-    resolve_data_dir,
-    setup_logging,
-    shutdown_distributed,
-    usage_errors,
-)
+from adamix_ds.training import init_distributed, resolve_data_dir, shutdown_distributed, usage_errors
 from adamix_ds.training.arguments import parse_eval_args
 from adamix_ds.training.eval_modes import evaluate_modes, parse_eval_modes
 from adamix_ds.training.merges import MERGE_MODES, compute_merges, hold_out
-from adamix_ds.training.runtime import logger
+from adamix_ds.training.runtime import logger, start_launcher
 
 
 def main(argv: list[str] | None = None) -> None:
-    env = dist_env()
-    setup_logging(env)
-    configure_threads(env)
+    env, device = start_launcher()
     with usage_errors(env, prog="evaluate.py"):
         run = parse_eval_args(argv)
-        device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         # The experts as saved (every routing is evaluated); the backbone, task and template from the adapter's
         # records unless a flag or the run beside it says otherwise.
         adapter = load_for_inference(

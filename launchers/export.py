@@ -21,9 +21,9 @@ from pathlib import Path
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.hub import push_folder
 from adamix_ds.io import export_peft, export_transformers, save_adapter
-from adamix_ds.training import dist_env, setup_logging, usage_errors
+from adamix_ds.training import usage_errors
 from adamix_ds.training.inference_arguments import parse_export_args
-from adamix_ds.training.runtime import logger
+from adamix_ds.training.runtime import logger, start_launcher
 
 # Formats that hold each adapter type: a bottleneck adapter has an activation between its projections, so neither
 # a folded backbone nor a PEFT LoRA can hold it.
@@ -31,8 +31,7 @@ FORMATS = {"lora": ("transformers", "peft", "adamix"), "bottleneck": ("adamix",)
 
 
 def main(argv: list[str] | None = None) -> None:
-    env = dist_env()
-    setup_logging(env)
+    env, _ = start_launcher()
     with usage_errors(env, prog="export.py"):
         run = parse_export_args(argv)
         args, export = run.adapter, run.export

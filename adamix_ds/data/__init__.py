@@ -2,9 +2,19 @@
 
 from adamix_ds.data.glue import TaskData, load_task, make_collator, read_glue_folder, read_split_file, tokenizer_encoder
 from adamix_ds.data.metrics import compute_metrics
-from adamix_ds.data.tasks import GENERATION_TASKS, GLUE_TASKS, EvalSplit, GenerationTaskSpec, TaskSpec, get_task_spec
+from adamix_ds.data.tasks import (
+    CUSTOM_TASK,
+    GENERATION_TASKS,
+    GLUE_TASKS,
+    EvalSplit,
+    GenerationTaskSpec,
+    TaskSpec,
+    custom_task_spec,
+    get_task_spec,
+)
 
 __all__ = [
+    "CUSTOM_TASK",
     "GENERATION_TASKS",
     "GLUE_TASKS",
     "EvalSplit",
@@ -12,6 +22,7 @@ __all__ = [
     "TaskData",
     "TaskSpec",
     "compute_metrics",
+    "custom_task_spec",
     "get_task_spec",
     "load_task",
     "make_collator",

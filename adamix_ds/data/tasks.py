@@ -8,6 +8,7 @@ mpqa, sst5, mr, cr, trec) and SNLI exist only as local files (LM-BFF's and LiST'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ __all__ = [
     "FEWSHOT_TASKS",
     "GENERATION_TASKS",
     "TASKS",
+    "CUSTOM_TASK",
+    "custom_task_spec",
     "get_task_spec",
 ]
 
@@ -275,6 +278,8 @@ class GenerationTaskSpec:
         metric_names: the generation metrics, the main one first.
         consistency_weight: the default weight of the token-level consistency loss (paper: 100 for GPT-2).
         report_scale: 1: the metrics are already on the scale the papers report (BLEU, METEOR, ROUGE-L x100).
+        input_column: the name of an input's text column (the MR).
+        separator: what follows the input in the prompt, before the text the model writes (the LoRA code's E2E format).
     """
 
     name: str
@@ -286,6 +291,8 @@ class GenerationTaskSpec:
     metric_names: tuple[str, ...]
     consistency_weight: float = 100.0
     report_scale: float = 1.0
+    input_column: str = "mr"
+    separator: str = " ||"
 
     def local_copy(self, shared_data: Path) -> Path | None:
         """This task's folder under ``shared_data`` (``../shared/data``) when it exists, else ``None``."""
@@ -305,6 +312,45 @@ GENERATION_TASKS: dict[str, GenerationTaskSpec] = {
     )
 }
 TASKS: dict[str, TaskSpec | GenerationTaskSpec] = {**GLUE_TASKS, **FEWSHOT_TASKS, **GENERATION_TASKS}
+# The task of an adapter known only by its model (saved through the library alone: ``add_adamix``, ``save_adapter``):
+# none of the named tasks, so it has no data of its own; its inputs are texts in a column ``text``.
+CUSTOM_TASK = "custom"
+
+
+def custom_task_spec(task_type: str, label_names: Sequence[str] | None) -> TaskSpec | GenerationTaskSpec:
+    """The task of an adapter known only by its model (``AdaMixConfig.task_type`` and ``label_names``): for
+    ``"SEQ_CLS"`` a classification of one text into ``label_names`` (one name: a regression score, as transformers
+    reads ``num_labels=1``), for ``"CAUSAL_LM"`` the continuation of a text as it is (no separator). ``ValueError``
+    names what is missing or not allowed."""
+    if task_type == "CAUSAL_LM":
+        return GenerationTaskSpec(
+            name=CUSTOM_TASK,
+            local_folder=CUSTOM_TASK,
+            train_files=(),
+            dev_files=(),
+            test_files=(),
+            hub_dataset=None,
+            metric_names=GENERATION_TASKS["e2e_nlg"].metric_names,
+            input_column="text",
+            separator="",
+        )
+    if task_type != "SEQ_CLS":
+        raise ValueError(f"task_type={task_type!r} is invalid: allowed SEQ_CLS, CAUSAL_LM")
+    if not label_names:
+        raise ValueError(f"task_type={task_type} needs the classifier's label_names (its config.id2label), got {label_names!r}")
+    regression = len(label_names) == 1
+    return TaskSpec(
+        name=CUSTOM_TASK,
+        glue_dir=CUSTOM_TASK,
+        text_columns=("text",),
+        file_text_columns=("text",),
+        file_label_column="label",
+        label_names=() if regression else tuple(label_names),
+        file_labels=() if regression else tuple(str(i) for i in range(len(label_names))),
+        is_regression=regression,
+        metric_names=GLUE_TASKS["stsb"].metric_names if regression else _ACC,
+        hub_dataset=None,
+    )
 
 
 def get_task_spec(task_name: str) -> TaskSpec | GenerationTaskSpec:

