@@ -31,7 +31,10 @@ class AdapterArguments:
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the backbone's own."})
     task_name: str | None = field(
-        default=None, metadata={"help": "The adapter's task; needed only for folders of older versions, which do not record it."}
+        default=None,
+        metadata={
+            "help": "The adapter's task; needed only for a folder that records none (no task.json, no task_type in adamix_config.json)."
+        },
     )
     max_seq_length: int | None = field(default=None, metadata={"help": "Longer inputs are truncated (default: the training run's)."})
     eval_mode: Literal["merged", "random", "fixed", "ensemble"] = field(
