@@ -86,7 +86,7 @@ def _ended(cluster: TwoNodeSlurm, job: int, log: Path, timeout: float) -> Job:
 def _standin_job(cluster: TwoNodeSlurm, root: Path, options: list[str], env: dict[str, str] | None = None, cwd: Path = REPO_ROOT):
     """A two-node train.sbatch job with the stand-in PYTHON: the ended job and the record of each node."""
     out = root / "records"
-    out.mkdir()
+    out.mkdir(parents=True)
     bin_dir = root / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(STANDIN.format(python=sys.executable))
@@ -119,6 +119,9 @@ def test_step_holds_every_cpu_of_the_job_on_each_node_and_too_few_are_refused(cl
     job, records = _standin_job(cluster, tmp_path, [], {"PROCS_PER_NODE": str(CPUS + 1)})
     assert job.state == "FAILED" and records == {}, job.log
     assert f"train.sbatch: error: {CPUS + 1} rank(s) per node on {CPUS} CPU(s) per node: submit with --cpus-per-task" in job.log
+    job, records = _standin_job(cluster, tmp_path / "zero", [], {"PROCS_PER_NODE": "0"})
+    assert job.state == "FAILED" and records == {}, job.log
+    assert "train.sbatch: error: PROCS_PER_NODE=0 is invalid: allowed an integer >= 1" in job.log
 
 
 @pytest.mark.slow
@@ -158,6 +161,7 @@ def test_a_submit_directory_that_a_node_does_not_share_is_refused(cluster, tmp_p
     assert job.state == "FAILED" and cluster.job_field(job.id, "ExitCode") == "2:0" and records == {}, job.log
     assert f"train.sbatch: error: node n2 does not see {submit_dir}/.adamix-shared-{job.id}, written on n1:" in job.log
     assert "must be on a filesystem shared by every node" in job.log
+    assert not list(submit_dir.glob(".adamix-*")), "the probe file outlived the job"
 
 
 def _submit_run(cluster: TwoNodeSlurm, root: Path, name: str, nodes: int, ranks_per_node: int, extra: list[str] = ()) -> tuple[int, Path]:
