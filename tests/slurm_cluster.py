@@ -103,8 +103,11 @@ class SlurmCluster:
     through ``client()``, with ``env`` (``SLURM_CONF`` set).
     """
 
-    def __init__(self, state_dir: Path, nodes: list[Node], controller: str, ports: tuple[int, int], gpus_per_node: int = 0) -> None:
+    def __init__(
+        self, state_dir: Path, nodes: list[Node], controller: str, ports: tuple[int, int], first_job_id: int, gpus_per_node: int = 0
+    ) -> None:
         self.state_dir = state_dir
+        self.first_job_id = first_job_id
         self.nodes = nodes
         self.controller = controller
         self.ports = ports
@@ -147,6 +150,9 @@ class SlurmCluster:
             "SlurmUser=root",
             # Pending jobs (a requeued one among them) start within seconds, not at the next 60 s scheduling pass.
             "SchedulerParameters=sched_interval=2,bf_interval=2",
+            # Job ids pick train.sbatch's rendezvous port and with it the names of DeepSpeed's shared-memory buffers:
+            # the clusters number their jobs apart, so that two of them running at once never share one.
+            f"FirstJobId={self.first_job_id}",
             f"SlurmctldPort={self.ports[0]}",
             f"SlurmdPort={self.ports[1]}",
             f"SlurmctldPidFile={d}/slurmctld.pid",
@@ -231,7 +237,7 @@ class LocalSlurm(SlurmCluster):
 
     def __init__(self, state_dir: Path) -> None:
         host = socket.gethostname()
-        super().__init__(state_dir, [Node(host, None, os.cpu_count() or 1)], host, (free_port(), free_port()))
+        super().__init__(state_dir, [Node(host, None, os.cpu_count() or 1)], host, (free_port(), free_port()), first_job_id=1)
 
     def _start_daemons(self) -> None:
         subprocess.run(["slurmctld"], env=self.env, check=True)
@@ -255,7 +261,7 @@ class TwoNodeSlurm(SlurmCluster):
     def __init__(self, state_dir: Path, cpus_per_node: int, gpus_per_node: int = 0) -> None:
         nodes = [Node(f"n{i}", f"{self.SUBNET}.{i}", cpus_per_node) for i in (1, 2)]
         # Each namespace has ports of its own: Slurm's defaults are free there.
-        super().__init__(state_dir, nodes, f"n1({nodes[0].addr})", (6817, 6818), gpus_per_node)
+        super().__init__(state_dir, nodes, f"n1({nodes[0].addr})", (6817, 6818), first_job_id=5000, gpus_per_node=gpus_per_node)
         tag = f"adamix{os.getpid()}"
         self.netns = {node.name: f"{tag}-{node.name}" for node in nodes}
         self.veth = {node.name: f"am{os.getpid()}{node.name}" for node in nodes}  # at most 15 characters

@@ -83,7 +83,9 @@ def _ended(cluster: TwoNodeSlurm, job: int, log: Path, timeout: float) -> Job:
     return Job(job, state, log.read_text(errors="replace") if log.exists() else "")
 
 
-def _standin_job(cluster: TwoNodeSlurm, root: Path, options: list[str], env: dict[str, str] | None = None, cwd: Path = REPO_ROOT):
+def _standin_job(
+    cluster: TwoNodeSlurm, root: Path, options: list[str], env: dict[str, str] | None = None, cwd: Path = REPO_ROOT
+) -> tuple[Job, dict[str, dict]]:
     """A two-node train.sbatch job with the stand-in PYTHON: the ended job and the record of each node."""
     out = root / "records"
     out.mkdir(parents=True)
