@@ -28,9 +28,10 @@ train: $(STAMP)
 
 # DeepSpeed JIT-builds its CPU ops (FusedAdam, the shared-memory allreduce) on first use, one process at a time
 # behind a lock file; built here first, so that no test process builds them, and none killed by a test leaves the
-# lock behind (every later DeepSpeed process would wait on it forever).
+# lock behind (every later DeepSpeed process would wait on it forever). With the venv's ninja first on PATH, as in every
+# test process: the system's ninja hashes the build commands otherwise, and each would rebuild the ops for the other.
 test: $(STAMP) slurm
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; [a().create_op_builder(n).load() for n in ('FusedAdamBuilder', 'ShareMemCommBuilder')]"
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -c "from deepspeed.accelerator import get_accelerator as a; [a().create_op_builder(n).load() for n in ('FusedAdamBuilder', 'ShareMemCommBuilder')]"
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -n auto --dist loadfile --durations=30 tests
 
 bench: $(STAMP)

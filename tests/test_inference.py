@@ -379,8 +379,8 @@ def test_predict_on_a_library_adapter_reads_your_file_and_refuses_a_split(predic
 
 
 def test_evaluate_writes_only_its_json_to_stdout(backbones, tmp_path):
-    """``evaluate.py ... > modes.json`` gives a JSON file: DeepSpeed's lines (its accelerator warning, its CPU
-    communication op's build) go to stderr."""
+    """``evaluate.py ... > modes.json`` gives a JSON file: DeepSpeed's lines (its CPU communication op's build) go to
+    stderr."""
     make_adapter(backbones / "bert", "sst2", tmp_path / "experts", adapter_type="bottleneck")
     command = [sys.executable, str(LAUNCHERS / "evaluate.py"), "--adapter_name_or_path", str(tmp_path / "experts")]
     command += ["--eval_modes", "merged,ensemble", "--max_eval_samples", "8", "--per_device_eval_batch_size", "8"]
@@ -391,8 +391,6 @@ def test_evaluate_writes_only_its_json_to_stdout(backbones, tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     modes = json.loads((tmp_path / "modes.json").read_text())
     assert set(modes) == {"merged", "ensemble"} and 0 <= modes["merged"]["eval_accuracy"] <= 1
-    if not torch.cuda.is_available():  # where DeepSpeed's CPU accelerator speaks: on stderr
-        assert "Setting accelerator to CPU" in completed.stderr
 
 
 PLAIN_LOGITS = """

@@ -1,10 +1,17 @@
 """Reusable pieces of the DeepSpeed launcher (``launchers/train.py``): arguments, the DeepSpeed config
 builder, expert optimizer semantics inside DeepSpeed, checkpoints and evaluation."""
 
-from adamix_ds.training.runtime import stdout_to_stderr
+import logging
 
-# DeepSpeed's logger writes to the sys.stdout of the moment it is imported, its accelerator warning among the first
-# lines: imported here first with stdout sent to stderr, its lines stay off the launchers' results on stdout.
+import torch
+
+from adamix_ds.training.runtime import CpuAcceleratorNotice, stdout_to_stderr
+
+# DeepSpeed's logger writes to the sys.stdout of the moment it is imported: imported here first with stdout sent to
+# stderr, its lines stay off the launchers' results on stdout. Where torch sees no GPU, its notice that it chose the
+# CPU says nothing and would stand above every launcher's one-line error: dropped.
+if not torch.cuda.is_available():
+    logging.getLogger("DeepSpeed").addFilter(CpuAcceleratorNotice())
 with stdout_to_stderr():
     import deepspeed  # noqa: F401
 

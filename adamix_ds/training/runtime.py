@@ -54,6 +54,14 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+class CpuAcceleratorNotice(logging.Filter):
+    """Drops DeepSpeed's warning that it fell back to its CPU accelerator ("Setting accelerator to CPU. If you have
+    GPU or other accelerator, we were unable to detect it.")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def start_launcher() -> tuple[DistEnv, torch.device]:
     """The opening of a launcher (``evaluate.py``, ``predict.py``, ``export.py``): this rank (``dist_env``), its logging
     (``setup_logging``) and threads (``configure_threads``), and the device it runs on: its GPU, else the CPU."""

@@ -14,6 +14,7 @@
 # Memory: python -m adamix_ds.plan --model bert-base --gpus 1 --per_device_train_batch_size 64 --max_seq_length 128
 #SBATCH --job-name=adamix-bert-base
 #SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
 #SBATCH --requeue
 #SBATCH --signal=USR1@180
 #SBATCH --open-mode=append

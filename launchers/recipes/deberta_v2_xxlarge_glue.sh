@@ -18,6 +18,7 @@
 # there; 256 here for longer RTE/MNLI inputs). The spec gives no DeBERTa learning rate: 1e-4 is a starting point.
 #SBATCH --job-name=adamix-deberta-xxl
 #SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
 #SBATCH --requeue
 #SBATCH --signal=USR1@180
 #SBATCH --open-mode=append

@@ -21,6 +21,7 @@
 #   embeddings: the planner's classifier build trains the same state; E2E examples are far shorter than 512)
 #SBATCH --job-name=adamix-gpt2-medium-e2e
 #SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
 #SBATCH --requeue
 #SBATCH --signal=USR1@180
 #SBATCH --open-mode=append

@@ -7,6 +7,7 @@
 #   sbatch --gpus-per-node 1 --time 8:00:00 launchers/recipes/gpt2_medium_e2e_lora.sh
 #SBATCH --job-name=lora-gpt2-medium-e2e
 #SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
 #SBATCH --requeue
 #SBATCH --signal=USR1@180
 #SBATCH --open-mode=append

@@ -16,6 +16,7 @@
 # TASK: sst2, rte, mnli, qqp, subj or mpqa (LiST's tasks; MNLI and QQP have no test file here: DATA_DIR with one).
 #SBATCH --job-name=adamix-roberta-large-fewshot
 #SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
 #SBATCH --requeue
 #SBATCH --signal=USR1@180
 #SBATCH --open-mode=append

@@ -10,6 +10,7 @@
 #   --max_seq_length 128): the 355M backbone costs 0.66 GiB of bf16 weights per GPU; see the planner for the rest.
 #SBATCH --job-name=adamix-roberta-large
 #SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
 #SBATCH --requeue
 #SBATCH --signal=USR1@180
 #SBATCH --open-mode=append
