@@ -272,7 +272,13 @@ class TrainingArguments:
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to train; overrides --num_train_epochs when > 0."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warmup over this fraction of the steps."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps; overrides --warmup_ratio when > 0."})
-    logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and throughput every N steps."})
+    logging_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Log loss, learning rate and throughput every N steps: the one read of the device per N steps, where "
+            "the ranks also agree to stop on Slurm's time-limit signal."
+        },
+    )
     eval_strategy: Literal["no", "steps", "epoch"] | None = field(
         default=None, metadata={"help": "When to evaluate (default: steps if --eval_steps is given, else epoch). Always at the end."}
     )
