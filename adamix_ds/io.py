@@ -85,16 +85,20 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def _has_master(param: nn.Parameter) -> bool:
+    """Whether a DeepSpeed optimizer keeps an fp32 master copy of ``param`` (ZeRO 1-3, and bf16 at stage 0)."""
+    return hasattr(param, "_hp_mapping") or (hasattr(param, "_z3_optimizer") and param.requires_grad)
+
+
 def full_precision(param: nn.Parameter) -> torch.Tensor:
-    """The whole fp32 value of ``param``: DeepSpeed's fp32 master copy where its optimizer keeps one (ZeRO 1-3, and
-    bf16 at stage 0), else the parameter itself. Under ``--bf16`` the module holds a bf16 copy that the step
-    rounds; the masters are what training arrived at. Collective under ZeRO: every rank calls it, in one order."""
-    if hasattr(param, "_hp_mapping") or hasattr(param, "_z3_optimizer"):
+    """The whole fp32 value of ``param``: DeepSpeed's fp32 master copy where its optimizer keeps one (``_has_master``),
+    else the parameter itself (gathered by the caller under ZeRO-3). Under ``--bf16`` the module holds a bf16 copy
+    that the step rounds; the masters are what training arrived at. Collective under ZeRO: every rank calls it, in
+    one order."""
+    if _has_master(param):
         from deepspeed.utils import safe_get_full_fp32_param
 
-        master = safe_get_full_fp32_param(param)
-        if master is not None:
-            return master.float()
+        return safe_get_full_fp32_param(param).float()
     return param.detach().to(torch.float32, copy=True)  # a copy: a ZeRO-3 parameter's gathered storage is released
 
 
@@ -106,7 +110,8 @@ def adapter_state_dict(model: nn.Module, merged: bool = False) -> dict[str, torc
     Call it on every rank under ZeRO: partitioned parameters and masters are gathered collectively.
     """
     params = _adapter_parameters(model)
-    with gathered(list(params.values())):
+    # Only what has no master is gathered: the masters are gathered by full_precision itself.
+    with gathered([param for param in params.values() if not _has_master(param)]):
         tensors = {key: full_precision(param) for key, param in params.items()}
     if merged:  # each layer's merge (uniform, or the coefficients adamix_ds.merging.set_merge gave it)
         for name, layer in adamix_layers(model):

@@ -31,11 +31,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from adamix_ds import AdaMixConfig, add_adamix, merge_adamix, set_eval_mode
+from adamix_ds.backbones import resolve_model_path
 from adamix_ds.data.e2e import read_e2e
 from adamix_ds.families import Decoding
 from adamix_ds.families.generation import SEPARATOR, GeneratedNoRepeatNGram
 from adamix_ds.model import adamix_layers
-from adamix_ds.training.arguments import resolve_model_path
 
 from common import REPO_ROOT, RESULTS_DIR, cli, environment, markdown_table, median_ratio, single_adapter_model, timed_rounds, write_results
 

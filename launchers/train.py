@@ -54,9 +54,7 @@ from adamix_ds.training import (
     build_ds_config,
     check_cuda_arch_list,
     check_resumable,
-    configure_threads,
     directory_bytes,
-    dist_env,
     evaluate_splits,
     find_checkpoint,
     init_distributed,
@@ -66,7 +64,6 @@ from adamix_ds.training import (
     resolve_model_path,
     save_checkpoint,
     save_model,
-    setup_logging,
     shutdown_distributed,
     step_seed,
     train_loader,
@@ -81,13 +78,11 @@ from adamix_ds.training.eval_modes import EVAL_MODES_FILE, evaluate_modes, parse
 from adamix_ds.training.loop import BestKeeper, LossWindow, checkpoint_due, evaluation_due, log_events, step_batches, train_step
 from adamix_ds.training.merges import MERGE_MODES, compute_merges, hold_out
 from adamix_ds.training.preemption import PreemptionSignal, request_requeue
-from adamix_ds.training.runtime import logger
+from adamix_ds.training.runtime import logger, start_launcher
 
 
 def main(argv: list[str] | None = None) -> None:
-    env = dist_env()
-    setup_logging(env)
-    configure_threads(env)
+    env, _ = start_launcher()  # the device is the engine's, once DeepSpeed has started
 
     # -- Setup. Every input is checked here; bad input ends with one line and exit code 2, and nothing
     # is written to output_dir before this block has passed.

@@ -16,7 +16,7 @@ from typing import Any, Literal, NoReturn
 
 from transformers import HfArgumentParser
 
-from adamix_ds.backbones import DEFAULT_MODEL, resolve_model_path  # noqa: F401  (resolve_model_path: re-exported for benchmarks/)
+from adamix_ds.backbones import DEFAULT_MODEL
 from adamix_ds.config import AdaMixConfig
 from adamix_ds.data import CUSTOM_TASK, GenerationTaskSpec, get_task_spec
 from adamix_ds.families import Decoding

@@ -63,7 +63,7 @@ class CpuAcceleratorNotice(logging.Filter):
 
 
 def start_launcher() -> tuple[DistEnv, torch.device]:
-    """The opening of a launcher (``evaluate.py``, ``predict.py``, ``export.py``): this rank (``dist_env``), its logging
+    """The opening of a launcher (``train.py``, ``evaluate.py``, ``predict.py``, ``export.py``): this rank (``dist_env``), its logging
     (``setup_logging``) and threads (``configure_threads``), and the device it runs on: its GPU, else the CPU."""
     env = dist_env()
     setup_logging(env)
