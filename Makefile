@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install slurm train test bench gpu-check lint clean
+.PHONY: install slurm train train-trainer test bench gpu-check lint clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ install: $(STAMP)
 train: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed launchers/train.py --deepspeed ds_configs/zero2.json
 
+# make train's run (SST-2, the same hyper-parameters) through the Hugging Face Trainer (examples/run_glue.py):
+# the parity check of benchmarks/RESULTS.md.
+train-trainer: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed examples/run_glue.py --deepspeed ds_configs/zero2.json \
+		--output_dir outputs/sst2_adamix_trainer --task_name sst2 --max_seq_length 64 --max_train_samples 6000 \
+		--num_train_epochs 1 --per_device_train_batch_size 16 --per_device_eval_batch_size 64 --learning_rate 3e-3 \
+		--weight_decay 0.1 --warmup_steps 0.06 --eval_strategy epoch --save_strategy epoch --logging_steps 10 \
+		--seed 42 --report_to tensorboard
+
 # DeepSpeed JIT-builds its CPU ops (FusedAdam, the shared-memory allreduce) on first use, one process at a time
 # behind a lock file; built here first, so that no test process builds them, and none killed by a test leaves the
 # lock behind (every later DeepSpeed process would wait on it forever). With the venv's ninja first on PATH, as in every
@@ -44,8 +53,8 @@ gpu-check:
 	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check adamix_ds launchers benchmarks tests
-	$(VENV)/bin/ruff format --check adamix_ds launchers benchmarks tests
+	$(VENV)/bin/ruff check adamix_ds launchers benchmarks tests examples
+	$(VENV)/bin/ruff format --check adamix_ds launchers benchmarks tests examples
 
 clean:
 	rm -rf $(VENV) outputs

@@ -17,6 +17,8 @@ setup(
         "deepspeed>=0.19.3,<0.20",
         # 4.52: transformers.modeling_layers (GradientCheckpointingLayer, read by the planner). Tested: 5.25.
         "transformers>=4.52,<6",
+        # The Trainer's launcher and DeepSpeed glue (adamix_ds.trainer, accelerate_configs/). Tested: 1.16.
+        "accelerate>=1.0",
         # Model cards, Hub uploads (--push_to_hub) and adapter downloads (load_for_inference). Tested: 2.5.
         "huggingface_hub>=0.24",
         "datasets>=3.0,<6",
@@ -36,9 +38,11 @@ setup(
         "pycocoevalcap>=1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "peft>=0.13,<0.22", "psutil>=5.9", "ruff>=0.6", "nltk>=3.8"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "peft>=0.13,<0.22", "psutil>=5.9", "ruff>=0.6", "nltk>=3.8", "trl>=1.0"],
         "kernels": ["triton>=3.1"],
         # export_peft / launchers/export.py --format peft write a PEFT LoRA adapter.
         "peft": ["peft>=0.13,<0.22"],
+        # adamix_sft_trainer / examples/sft_e2e.py: TRL's SFTTrainer with AdaMix. Tested: 1.16.
+        "trl": ["trl>=1.0"],
     },
 )

@@ -108,10 +108,15 @@ def routing_context_fn() -> tuple[AbstractContextManager[None], AbstractContextM
     return _TapeContext("record", tape), _TapeContext("replay", tape)
 
 
+def routing_checkpoint_kwargs() -> dict[str, object]:
+    """``torch.utils.checkpoint`` keyword arguments under which recomputes reuse the forward's experts."""
+    return {"use_reentrant": False, "context_fn": routing_context_fn}
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Turn on a Hugging Face model's activation checkpointing (every Transformer block) so that recomputes reuse
     the forward's experts. ``model`` is a ``transformers.PreTrainedModel`` with AdaMix layers."""
-    kwargs = {"use_reentrant": False, "context_fn": routing_context_fn}
+    kwargs = routing_checkpoint_kwargs()
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):  # transformers 4

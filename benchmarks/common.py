@@ -8,8 +8,8 @@ heads are reused, then every AdaMix layer is swapped for a plain one).
 
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import datetime
 import inspect
 import json
@@ -20,7 +20,6 @@ import re
 import statistics
 import sys
 import time
-import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, HfArgumentParser, PretrainedConfig
 
 from adamix_ds import AdaMixConfig, add_adamix
 from adamix_ds.data import read_glue_folder
@@ -67,34 +66,33 @@ def _docstring_args(fn: Callable) -> dict[str, str]:
     return helps
 
 
-def _argument(annotation: Any) -> dict[str, Any]:
-    """argparse keywords for one annotated parameter."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if annotation is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if typing.get_origin(annotation) in (list, tuple):
-        return {"nargs": "+", "type": typing.get_args(annotation)[0]}
-    return {"type": annotation}
+def arguments_dataclass(fn: Callable[..., Any]) -> type:
+    """A dataclass of ``fn``'s parameters (types, defaults, help from the docstring): what ``HfArgumentParser`` turns
+    into flags, as the launchers' argument dataclasses are."""
+    hints = typing.get_type_hints(fn)
+    helps = _docstring_args(fn)
+    fields = []
+    for name, param in inspect.signature(fn).parameters.items():
+        default, metadata = param.default, {"help": helps.get(name, "")}
+        if isinstance(default, list):  # a dataclass field may not hold a mutable default
+            value = dataclasses.field(default_factory=lambda d=default: list(d), metadata=metadata)
+        else:
+            value = dataclasses.field(default=default, metadata=metadata)
+        fields.append((name, hints[name], value))
+    return dataclasses.make_dataclass(f"{fn.__name__}_arguments", fields)
 
 
 def cli(fn: Callable[..., dict[str, Any]], argv: list[str] | None = None, check: Callable[[dict[str, Any]], object] | None = None) -> int:
-    """Run ``fn`` with flags made from its signature (``--name``, typed, defaults and help from the docstring).
+    """Run ``fn`` with flags made from its signature (``--name``, typed, defaults and help from the docstring), parsed
+    by ``HfArgumentParser`` like every launcher's.
 
     ``check(arguments)`` validates the inputs first: a ``ValueError`` or ``OSError`` there is bad input, reported
     as the launcher reports it (one line, exit 2). ``fn`` returns its results; a non-empty
     ``results["failures"]`` is printed and makes the exit status 1.
     """
-    hints = typing.get_type_hints(fn)
-    helps = _docstring_args(fn)
-    parser = argparse.ArgumentParser(
-        description=(inspect.getdoc(fn) or "").split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    for name, param in inspect.signature(fn).parameters.items():
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, default=param.default, help=helps.get(name, ""), **_argument(hints[name])
-        )
-    arguments = vars(parser.parse_args(argv))
+    parser = HfArgumentParser(arguments_dataclass(fn), description=(inspect.getdoc(fn) or "").split("\n\n")[0])
+    (parsed,) = parser.parse_args_into_dataclasses(argv)
+    arguments = dataclasses.asdict(parsed)
     if check is not None:
         with usage_errors(dist_env(), prog=Path(sys.argv[0]).name):
             check(arguments)

@@ -14,10 +14,12 @@ Bad input (a missing or malformed file, a line count that is not the MR count): 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from transformers import HfArgumentParser
 
 from adamix_ds.data.e2e import group_pairs, read_e2e_pairs, read_hypotheses
 from adamix_ds.data.generation_metrics import METRIC_NAMES, score_e2e
@@ -26,13 +28,13 @@ from adamix_ds.data.generation_metrics import METRIC_NAMES, score_e2e
 COLUMNS = {"bleu": ("BLEU", 2), "nist": ("NIST", 4), "meteor": ("METEOR", 2), "rouge_l": ("ROUGE-L", 2), "cider": ("CIDEr", 4)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """--hypotheses, --references and --json."""
-    parser = argparse.ArgumentParser(prog="score_e2e.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hypotheses", required=True, help="one output per line, one line per MR of --references, in its order")
-    parser.add_argument("--references", required=True, help="an E2E file: CSV (mr,ref) or the LoRA 'mr || text' lines (.txt)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    return parser
+@dataclass
+class ScoreArguments:
+    """What to score against what."""
+
+    hypotheses: str = field(metadata={"help": "one output per line, one line per MR of --references, in its order"})
+    references: str = field(metadata={"help": "an E2E file: CSV (mr,ref) or the LoRA 'mr || text' lines (.txt)"})
+    json: bool = field(default=False, metadata={"help": "print one JSON object instead of a table"})
 
 
 def format_table(scores: dict[str, float]) -> str:
@@ -44,7 +46,9 @@ def format_table(scores: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Score and print; 2 after one line on stderr for bad input (argparse's own errors exit 2 too)."""
-    options = build_parser().parse_args(argv)
+    (options,) = HfArgumentParser(ScoreArguments, prog="score_e2e.py", description=__doc__.split("\n\n")[0]).parse_args_into_dataclasses(
+        argv
+    )
     # Not adamix_ds.training.usage_errors: importing that package imports DeepSpeed, slow, and its accelerator
     # notice on stdout would spoil --json.
     try:

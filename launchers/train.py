@@ -45,9 +45,9 @@ from adamix_ds.families import build_family
 from adamix_ds.hub import push_folder
 from adamix_ds.merging import set_merge
 from adamix_ds.optim import adamw_param_groups
+from adamix_ds.optim_deepspeed import DeepSpeedOptimizerAccess
 from adamix_ds.training import (
     LR_SCHEDULE,
-    DeepSpeedOptimizerAccess,
     TrainerState,
     TrainSchedule,
     adamix_config,

@@ -207,8 +207,8 @@ def _run_case(stage: int, precision: str, offload: bool, unrouted: str, seed: in
     from adamix_ds.io import gathered
     from adamix_ds.model import adamix_layers
     from adamix_ds.optim import adamw_param_groups
+    from adamix_ds.optim_deepspeed import DeepSpeedOptimizerAccess
     from adamix_ds.routing import Projection
-    from adamix_ds.training import DeepSpeedOptimizerAccess
 
     rank = dist.get_rank()
     model = _tiny_model(seed)

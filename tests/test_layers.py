@@ -31,10 +31,11 @@ LAYERS = {
         "merging",
         "model",
         "optim",
+        "optim_deepspeed",
         "routing",
     ),
     "tasks": ("data", "evaluation", "families", "prompts"),
-    "training": ("inference", "training"),
+    "training": ("inference", "trainer", "training"),
     "tools": ("plan", "summary", "sweep"),
 }
 LEVEL = {room: level for level, rooms in enumerate(LAYERS.values()) for room in rooms}

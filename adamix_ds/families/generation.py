@@ -180,6 +180,13 @@ class CausalLMGeneration(TaskFamily):
             spec=self.spec,
         )
 
+    def prompt_completion(self, data_dir: str | os.PathLike[str] | None, max_train_samples: int | None = None) -> datasets.Dataset:
+        """The training pairs as TRL's ``SFTTrainer`` takes them: ``prompt`` (the MR and the separator) and ``completion``
+        (`` <reference>``; TRL appends EOS and masks the prompt), the tokens ``load_data`` trains on."""
+        train, _ = self._hub_splits() if data_dir is None else self._folder_splits(Path(data_dir))
+        rows = [{"prompt": mr + self.spec.separator, "completion": " " + text} for mr, text in train[:max_train_samples]]
+        return datasets.Dataset.from_list(rows)
+
     def _folder_splits(self, folder: Path) -> tuple[list[tuple[str, str]], dict[str, list[E2EGroup]]]:
         if not folder.is_dir():
             raise FileNotFoundError(f"data_dir is not an existing folder: {folder}")

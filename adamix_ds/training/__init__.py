@@ -41,7 +41,6 @@ from adamix_ds.training.checkpoint import (
 )
 from adamix_ds.training.data import ResumableSampler, evaluate_splits, train_loader
 from adamix_ds.training.ds_config import build_ds_config, check_cuda_arch_list, jit_builds_fused_adam, read_ds_config, zero_stage
-from adamix_ds.training.optimizer import DeepSpeedOptimizerAccess
 from adamix_ds.training.runtime import (
     configure_threads,
     init_distributed,
@@ -56,7 +55,6 @@ __all__ = [
     "LR_SCHEDULE",
     "AdaMixArguments",
     "DataArguments",
-    "DeepSpeedOptimizerAccess",
     "DistEnv",
     "ModelArguments",
     "ResumableSampler",
