@@ -76,6 +76,7 @@ class DeadMeteor(generation_metrics.Meteor):
 def load_launcher():
     spec = importlib.util.spec_from_file_location("score_e2e_launcher", REPO_ROOT / "launchers" / "score_e2e.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its argument dataclass is resolved through the module's entry
     spec.loader.exec_module(module)
     return module
 
