@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from adamix_ds import AdaMixConfig, add_adamix
 from adamix_ds.data import get_task_spec
@@ -22,6 +22,7 @@ from adamix_ds.trainer import AdaMixTrainer
 
 from conftest import REPO_ROOT, SHARED_DATA, VENV_BIN, free_port, subprocess_env
 from test_prompts import gpt2_tokenizer, minilm_tokenizer
+from tiny_models import tiny_config
 
 PROBE = str(REPO_ROOT / "tests" / "trainer_probe.py")
 RUN_GLUE = str(REPO_ROOT / "examples" / "run_glue.py")
@@ -40,12 +41,8 @@ def tiny_bert(tmp_path_factory) -> Path:
     """A tiny random BERT encoder with MiniLM's tokenizer, saved as a backbone folder."""
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = minilm_tokenizer()
-    config = AutoConfig.for_model(
-        "bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=len(tokenizer),
-        max_position_embeddings=64,
-    )  # fmt: skip
     torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    AutoModelForSequenceClassification.from_config(tiny_config("bert", vocab_size=len(tokenizer))).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
