@@ -41,11 +41,11 @@ from transformers import Trainer, TrainerCallback
 
 from adamix_ds.checkpointing import routing_checkpoint_kwargs
 from adamix_ds.consistency import AdaMixLoss, adamix_loss
-from adamix_ds.distributed import all_reduce
 from adamix_ds.families import TaskFamily
 from adamix_ds.io import load_adapter, save_adapter
 from adamix_ds.model import get_config
 from adamix_ds.optim import UNROUTED_EXPERTS, ExpertStepGuard, TorchOptimizerAccess, UnroutedExperts, adamw_param_groups
+from adamix_ds.training.loop import LossWindow
 
 __all__ = ["ADAPTER_DIR", "EXPERTS_DIR", "AdaMixTrainer", "AdaMixTrainerMixin", "adamix_sft_trainer"]
 
@@ -59,9 +59,9 @@ class AdaMixTrainerMixin:
 
     Keyword arguments beside the Trainer's own: ``consistency_weight`` (default the ``AdaMixConfig``'s; 0: one routed
     pass), ``unrouted_experts`` (``"zero_grad"``, the paper's runs and the launcher's default, or ``"untouched"``:
-    ``adamix_ds.optim``), ``expert_lr_scale`` and
-    ``decay_biases`` (``adamw_param_groups``), and ``family``: the task family whose logits and loss train and
-    evaluate the model, and whose record (task, template, label words, decoding) the saved adapters keep.
+    ``adamix_ds.optim``), ``expert_lr_scale`` and ``decay_biases`` (``adamw_param_groups``), and ``family``: the task
+    family whose logits and loss train and evaluate the model, and whose record (task, template, label words,
+    decoding) the saved adapters keep.
     """
 
     def __init__(
@@ -94,7 +94,7 @@ class AdaMixTrainerMixin:
         # compute_loss returns each micro-batch's mean loss, as the launcher's: the Trainer divides it by the
         # accumulation steps (DeepSpeed's engine does so itself).
         self.loss_is_scaled_for_ga = False
-        self._loss_sums: torch.Tensor | None = None  # task loss, consistency loss, micro-batches since the last log
+        self._window: LossWindow | None = None  # the losses since the last log line, made on the first batch's device
         self.add_callback(_ExpertStepInstaller(self))
         if self.is_deepspeed_enabled:
             _fill_monitor_paths(self.accelerator.state.deepspeed_plugin.hf_ds_config.config, Path(self.args.output_dir))
@@ -109,11 +109,14 @@ class AdaMixTrainerMixin:
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training: the AdaMix loss of ``inputs`` (two routed passes); evaluation: the task loss of one pass under
         the eval mode (the merged experts by default), with the logits the family compares."""
-        batch = {key: value for key, value in inputs.items() if key in _model_inputs(inputs)}
+        # The tensors the model's forward takes: a collator's bookkeeping (TRL's completion_mask, folded into labels) stays out.
+        batch = {key: value for key, value in inputs.items() if torch.is_tensor(value) and key not in _BOOKKEEPING}
         weight = self.consistency_weight if model.training else 0.0
         out = self._adamix_loss(model, batch, weight)
         if model.training:
-            self._add_to_window(out)
+            if self._window is None:
+                self._window = LossWindow(out.loss.device)
+            self._window.add(out)
         return (out.loss, {"logits": out.logits}) if return_outputs else out.loss
 
     def _adamix_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], weight: float) -> AdaMixLoss:
@@ -121,22 +124,13 @@ class AdaMixTrainerMixin:
             return self.family.train_loss(model, batch, weight)
         return adamix_loss(model, batch, weight)
 
-    def _add_to_window(self, out: AdaMixLoss) -> None:
-        if self._loss_sums is None:
-            self._loss_sums = torch.zeros(3, device=out.loss.device)
-        self._loss_sums += torch.stack([out.task_loss.float(), out.consistency_loss.float(), out.loss.new_ones((), dtype=torch.float32)])
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's log line, with the mean task and consistency losses since the last one over every rank
-        (the one host read of the window: every rank logs at the same steps)."""
-        if "loss" in logs and self._loss_sums is not None:
-            sums = self._loss_sums
-            if torch.distributed.is_initialized():
-                all_reduce(sums, sums.device)
-            task, consistency, count = sums.tolist()
-            if count:
-                logs = {**logs, "task_loss": round(task / count, 4), "consistency_loss": round(consistency / count, 6)}
-            sums.zero_()
+        (``LossWindow``, the launcher's: summed on the device, read once here; every rank logs at the same steps)."""
+        if "loss" in logs and self._window is not None:
+            means = self._window.close(preempted=False)
+            if means.micro_batches:
+                logs = {**logs, "task_loss": round(means.task_loss, 4), "consistency_loss": round(means.consistency_loss, 6)}
         super().log(logs, start_time)
 
     # -- the optimizer ----------------------------------------------------------------------------
@@ -253,12 +247,7 @@ def _fill_monitor_paths(ds_config: dict[str, Any], output_dir: Path) -> None:
                 section["job_name"] = f"{output_dir.name}/" if output_dir.name == "auto" else output_dir.name
 
 
-def _model_inputs(inputs: dict[str, Any]) -> set[str]:
-    """The tensors of a collated batch that the model's forward takes: a collator's bookkeeping (TRL's
-    ``completion_mask``, ``assistant_masks``: already folded into ``labels``) stays out."""
-    return {key for key, value in inputs.items() if torch.is_tensor(value) and key not in _BOOKKEEPING}
-
-
+# Collated tensors that are not model inputs: TRL's masks, already applied to the labels.
 _BOOKKEEPING = frozenset({"completion_mask", "assistant_masks"})
 
 

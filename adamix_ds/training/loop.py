@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from adamix_ds.consistency import AdaMixLoss
@@ -70,9 +71,11 @@ class LossWindow:
         """Sum the window over every rank with this rank's vote to stop (``preempted``), read it, and start the
         next window. Every rank calls it at the same step: the one collective and the one host sync of a window."""
         self.sums[3] = float(preempted)
-        all_reduce(self.sums, self.device)
+        if dist.is_initialized():  # one process without a launcher (the Trainer under plain python) has no group
+            all_reduce(self.sums, self.device)
         task_loss, consistency, count, votes = self.sums.tolist()
-        means = WindowMeans(task_loss / count, consistency / count, int(count), time.perf_counter() - self.start, votes > 0)
+        per_batch = max(count, 1.0)
+        means = WindowMeans(task_loss / per_batch, consistency / per_batch, int(count), time.perf_counter() - self.start, votes > 0)
         self.sums.zero_()
         self.start = time.perf_counter()
         return means
