@@ -18,6 +18,8 @@ from adamix_ds import AdaMixConfig, add_adamix
 from adamix_ds.data import get_task_spec
 from adamix_ds.families import build_family
 from adamix_ds.inference import load_for_inference
+from adamix_ds.model import adamix_layers
+from adamix_ds.routing import Projection, Stream, choose_expert
 from adamix_ds.trainer import AdaMixTrainer
 
 from conftest import REPO_ROOT, SHARED_DATA, VENV_BIN, free_port, subprocess_env
@@ -47,7 +49,7 @@ def tiny_bert(tmp_path_factory) -> Path:
     return folder
 
 
-def _trainer(backbone: Path, output_dir: Path, **trainer_options) -> AdaMixTrainer:
+def _trainer(backbone: Path, output_dir: Path, max_steps: int = 4, **trainer_options) -> AdaMixTrainer:
     """An AdaMixTrainer on 32 RTE pairs with the tiny BERT, on this process (no launcher), saving every 2 steps."""
     tokenizer = minilm_tokenizer()
     family = build_family(get_task_spec("rte"), tokenizer, 32, str(backbone))
@@ -56,7 +58,7 @@ def _trainer(backbone: Path, output_dir: Path, **trainer_options) -> AdaMixTrain
     model = family.load_model(str(backbone))
     add_adamix(model, AdaMixConfig(num_experts=4, bottleneck_dim=8, seed=3, base_model_name_or_path=str(backbone)))
     args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=8, max_steps=4, save_steps=2, learning_rate=1e-2, weight_decay=0.1,
+        output_dir=str(output_dir), per_device_train_batch_size=8, max_steps=max_steps, save_steps=2, learning_rate=1e-2, weight_decay=0.1,
         report_to="none", use_cpu=True, seed=7, logging_steps=2,
     )  # fmt: skip
     return AdaMixTrainer(
@@ -108,6 +110,22 @@ def test_plain_trainer_groups_saves_loadable_adapters_and_resumes_with_the_same_
     assert again.keys() == experts.keys()
     for key, value in experts.items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_each_trainer_step_leaves_unrouted_experts_as_unrouted_experts_names(tiny_bert, tmp_path):
+    for unrouted in ("untouched", "zero_grad"):
+        trainer = _trainer(tiny_bert, tmp_path / unrouted, max_steps=1, unrouted_experts=unrouted)
+        layers = dict(adamix_layers(trainer.model))
+        before = {name: layer.down_weight.detach().clone() for name, layer in layers.items()}
+        trainer.train()
+        for name, layer in layers.items():
+            # The step's two routed passes (forward counts 0 and 1) drew these down experts.
+            routed = {choose_expert(layer.seed, Stream.TRAIN, count, layer.layer_id, Projection.DOWN, 4) for count in (0, 1)}
+            assert len(routed) < 4
+            for expert in range(4):
+                kept = torch.equal(layer.down_weight[expert], before[name][expert])
+                # untouched: AdamW neither moves nor decays an unrouted expert; zero_grad: weight decay moves it.
+                assert kept == (unrouted == "untouched" and expert not in routed), (unrouted, name, expert)
 
 
 def _launch(command: list[str], probe_output: Path) -> list[dict]:
