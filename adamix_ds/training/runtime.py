@@ -28,8 +28,10 @@ def init_distributed(env: DistEnv) -> None:
     from deepspeed.accelerator import get_accelerator
 
     if "MASTER_ADDR" not in os.environ:
-        # Started by plain python: a one-process group on a free local port.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        # Started by plain python: a one-process group. Port 0: its store binds a free port itself, where a port
+        # picked beforehand can be taken by another job before the bind (EADDRINUSE). A one-rank group has no
+        # shared-memory buffer named after the port.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(env.local_rank)
     with stdout_to_stderr():  # on CPU it builds and announces its shared-memory op
