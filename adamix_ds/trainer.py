@@ -45,6 +45,7 @@ from adamix_ds.families import TaskFamily
 from adamix_ds.io import load_adapter, save_adapter
 from adamix_ds.model import get_config
 from adamix_ds.optim import UNROUTED_EXPERTS, ExpertStepGuard, TorchOptimizerAccess, UnroutedExperts, adamw_param_groups
+from adamix_ds.training.ds_config import AUTO, monitor_paths
 from adamix_ds.training.loop import LossWindow
 
 __all__ = ["ADAPTER_DIR", "EXPERTS_DIR", "AdaMixTrainer", "AdaMixTrainerMixin", "adamix_sft_trainer"]
@@ -235,16 +236,13 @@ def _count_ranks_on_cpu_hosts(training_args: Any) -> None:
 
 
 def _fill_monitor_paths(ds_config: dict[str, Any], output_dir: Path) -> None:
-    """Give the monitors that ``ds_configs/`` leave on ``"auto"`` the launcher's values (``output_dir/runs``, the run's
-    name): the Trainer fills only the values it knows, and accelerate refuses a config with any ``"auto"`` left."""
+    """Give the monitors that ``ds_configs/`` leave on ``"auto"`` the launcher's values (``monitor_paths``): the Trainer
+    fills only the values it knows, and accelerate refuses a config with any ``"auto"`` left."""
+    values = dict(zip(("output_path", "job_name"), monitor_paths(output_dir, output_dir.name), strict=True))
     for monitor in ("tensorboard", "csv_monitor", "wandb", "comet"):
         section = ds_config.get(monitor)
         if isinstance(section, dict):
-            if section.get("output_path") == "auto":
-                section["output_path"] = str(output_dir / "runs")
-            if section.get("job_name") == "auto":
-                # DeepSpeed drops a value equal to "auto": a run named so logs to runs/auto/ instead.
-                section["job_name"] = f"{output_dir.name}/" if output_dir.name == "auto" else output_dir.name
+            section.update({key: value for key, value in values.items() if section.get(key) == AUTO})
 
 
 # Collated tensors that are not model inputs: TRL's masks, already applied to the labels.

@@ -43,8 +43,16 @@ ADAM_OPTIMIZERS = ("Adam", "AdamW")
 _DEEPSPEED_ARCH_ENTRY = re.compile(r"\d+\.\d+(\+PTX)?")
 
 
+def monitor_paths(output_dir: str | Path, job_name: str) -> tuple[str, str]:
+    """A monitor's ``output_path`` and ``job_name`` for the run ``job_name`` writing to ``output_dir``: ``output_dir/runs``
+    and the name. DeepSpeed drops every config value equal to "auto" (its placeholder for Hugging Face): a run named
+    auto would log to runs/DeepSpeedJobName. "auto/" names the same folder, runs/auto."""
+    return str(Path(output_dir) / "runs"), f"{job_name}/" if job_name == AUTO else job_name
+
+
 def run_values(args: TrainingArguments, world_size: int, job_name: str) -> dict[str, Any]:
     """The values the flags give to ``RUN_VALUES``' keys, by dotted config path."""
+    output_path, monitor_job = monitor_paths(args.output_dir, job_name)
     return {
         "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -56,10 +64,8 @@ def run_values(args: TrainingArguments, world_size: int, job_name: str) -> dict[
         "optimizer.params.weight_decay": args.weight_decay,
         "bf16.enabled": args.bf16,
         "fp16.enabled": args.fp16,
-        "tensorboard.output_path": str(Path(args.output_dir) / "runs"),
-        # DeepSpeed drops every config value equal to "auto" (its placeholder for Hugging Face): a run named
-        # auto would log to runs/DeepSpeedJobName. "auto/" names the same folder, runs/auto.
-        "tensorboard.job_name": f"{job_name}/" if job_name == AUTO else job_name,
+        "tensorboard.output_path": output_path,
+        "tensorboard.job_name": monitor_job,
     }
 
 
